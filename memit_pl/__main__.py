@@ -1,0 +1,3 @@
+from memit_pl.cli import main
+
+raise SystemExit(main())

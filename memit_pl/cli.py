@@ -1,0 +1,48 @@
+"""The ``memit-pl`` console script: one subcommand per stage, each with its own YAML-aware parser."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+# name -> (module with ``main(argv)``, one-line description)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("memit_pl.commands.demo", "edit the demo facts on the default model and show before/after"),
+    "predict": ("memit_pl.commands.predict", "top next-token predictions of a model for an edits file's prompts"),
+    "stats": ("memit_pl.commands.stats", "compute (or reuse) the key second-moment statistics"),
+    "z": ("memit_pl.commands.z", "optimise the target vectors z for all edits (train_z.py)"),
+    "apply": ("memit_pl.commands.apply", "apply the closed-form update from a z store (apply_edits.py)"),
+    "edit": ("memit_pl.commands.edit", "statistics -> z -> apply -> efficacy check, in one run"),
+    "apply-delta": ("memit_pl.commands.delta", "apply a saved edit delta to a model"),
+    "revert": ("memit_pl.commands.revert", "remove a saved edit delta from a model"),
+    "evaluate": ("memit_pl.commands.evaluate", "CounterFact / zsRE metrics before and after an edit"),
+    "sweep": ("memit_pl.commands.sweep", "the scaling experiment: metrics against the number of edits"),
+    "trace": ("memit_pl.commands.trace", "causal tracing: find the critical MLP layers"),
+    "tune": ("memit_pl.commands.tune", "choose λ and the edited layers by measurement"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: memit-pl COMMAND [--config FILE] [options]", "", "commands:"]
+    lines += [f"  {name:<12} {desc}" for name, (_, desc) in COMMANDS.items()]
+    lines += ["", "`memit-pl COMMAND --help` lists a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        sys.stdout.write(_usage() + "\n")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        sys.stderr.write(f"memit-pl: unknown command {name!r}\n\n{_usage()}\n")
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

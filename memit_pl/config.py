@@ -1,0 +1,161 @@
+"""Typed configuration: small dataclasses, one per concern, read from YAML by every command."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from memit_pl.models import DEFAULT_MODEL
+
+
+@dataclass
+class ModelConfig:
+    """Which model, where and in which precision."""
+
+    name: str = DEFAULT_MODEL
+    """Packaged short name (smollm2-135m, gemma3-270m), Hugging Face id or local directory."""
+    dtype: str = "float32"
+    """Weights' dtype: float32, float16 or bfloat16."""
+    device: str = "auto"
+    """"auto" (first GPU, else CPU), "cpu", "cuda:1", ..."""
+    device_map: str | None = None
+    """Spread a model over devices with accelerate (e.g. "auto"); overrides ``device``."""
+    cache_dir: str | None = None
+    """Converted packaged models and statistics; default ``$MEMIT_PL_CACHE`` or ~/.cache/memit_pl."""
+
+
+@dataclass
+class MemitConfig:
+    """MEMIT's hyperparameters (names follow the reference code)."""
+
+    layers: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7, 8])
+    """Critical MLP layers R; the target layer L is max(R)."""
+    mom2_update_weight: float = 15000.0
+    """λ, the weight of the covariance (preservation) term (Eqn. 14/15)."""
+    v_lr: float = 0.5
+    """Adam learning rate of δ."""
+    v_num_grad_steps: int = 25
+    """Maximum optimisation steps per edit."""
+    clamp_norm_factor: float = 0.75
+    """‖δ‖ is clamped to this fraction of ‖h^L‖ after every step."""
+    kl_factor: float = 0.0625
+    """Weight of the KL term on the essence prompt."""
+    v_weight_decay: float = 0.5
+    """Weight of ‖δ‖² / ‖h^L‖² in the loss."""
+    v_loss_threshold: float = 5e-2
+    """An edit stops early once its NLL falls below this."""
+    context_templates: list[list[int]] = field(default_factory=lambda: [[10, 5]])
+    """Context prefixes: [length in tokens, how many] pairs, sampled from the model ("{}" is always added)."""
+    context_seeds: list[str] = field(default_factory=lambda: ["The", "Therefore", "Because", "I", "You"])
+    """Words that start the sampled context prefixes (cycled)."""
+    essence_prompt: str = "{} is a"
+    """The prompt of the KL ("essence") term."""
+    z_batch_size: int = 32
+    """Edits optimised together."""
+    seed: int = 0
+    """Seed of the sampled context prefixes."""
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ValueError("memit.layers must name at least one layer")
+        if sorted(set(self.layers)) != list(self.layers):
+            raise ValueError(f"memit.layers must be strictly ascending, got {self.layers}")
+        if self.mom2_update_weight < 0:
+            raise ValueError("memit.mom2_update_weight (λ) must be >= 0")
+        if "{}" not in self.essence_prompt:
+            raise ValueError("memit.essence_prompt needs a '{}' for the subject")
+        for pair in self.context_templates:
+            if len(pair) != 2 or pair[0] < 1 or pair[1] < 1:
+                raise ValueError(f"memit.context_templates entries are [length, count], got {pair}")
+
+    @property
+    def target_layer(self) -> int:
+        return max(self.layers)
+
+
+@dataclass
+class StatsConfig:
+    """The key second-moment statistics (Eqn. 15)."""
+
+    corpus: str = "auto"
+    """"auto" (wikitext-103 online, else the packaged Wikipedia sample), "wikitext", "wikipedia-sample",
+    or text files (comma-separated paths or globs)."""
+    n_samples: int = 100000
+    """Number of text chunks to read."""
+    seq_len: int = 256
+    """Tokens per chunk."""
+    batch_size: int = 8
+    """Chunks per forward pass."""
+    dtype: str = "float32"
+    """Accumulation dtype of Σ k kᵀ (float32 or float64), whatever the model's dtype."""
+    seed: int = 0
+    """Seed of the corpus order."""
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer settings shared by the stages."""
+
+    accelerator: str = "auto"
+    devices: int | str = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation settings."""
+
+    batch_size: int = 32
+    """Prompts per forward pass."""
+    generation_length: int = 50
+    """New tokens per generation prompt (Generation Entropy)."""
+    max_generation_prompts: int = 2
+    """Generation prompts used per case (0 disables Generation Entropy)."""
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "memit": MemitConfig,
+    "stats": StatsConfig,
+    "trainer": TrainerConfig,
+    "eval": EvalConfig,
+}
+
+
+def add_sections(parser) -> None:
+    """Add every config section, so any config file is valid for any command."""
+    from jsonargparse import ActionConfigFile
+
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML config file (configs/*.yaml)")
+    for name, cls in SECTIONS.items():
+        parser.add_class_arguments(cls, name, fail_untyped=False)
+
+
+def sections(cfg) -> dict[str, Any]:
+    """Dataclass instances of the sections from a parsed namespace."""
+    out = {}
+    for name, cls in SECTIONS.items():
+        sub = cfg.get(name)
+        values = sub.as_dict() if hasattr(sub, "as_dict") else dict(sub or {})
+        out[name] = cls(**values)
+    return out
+
+
+def to_yaml(data: dict[str, Any]) -> str:
+    import yaml
+
+    def plain(x):
+        if hasattr(x, "__dataclass_fields__"):
+            return plain(asdict(x))
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        if isinstance(x, Path):
+            return str(x)
+        return x
+
+    return yaml.safe_dump(plain(data), sort_keys=False)

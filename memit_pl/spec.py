@@ -1,0 +1,138 @@
+"""Architecture facts per model family, as data (``ModelSpec``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where MEMIT finds things inside one model family.
+
+    Templates take the layer index through ``str.format``.
+    """
+
+    family: str
+    block: str
+    """Transformer block; its output is the residual stream h^l."""
+    mlp: str
+    """The MLP of a block."""
+    mlp_out: str
+    """The MLP output projection: its input is MEMIT's key k, its weight is edited."""
+    attn: str
+    """The attention module of a block."""
+    final_norm: str
+    """The norm applied before the LM head."""
+    lm_head: str
+    """The unembedding."""
+    embed: str
+    """The token embedding."""
+    transposed: bool = False
+    """True when ``mlp_out.weight`` is stored [d_key, d_model] (GPT-2 ``Conv1D``)."""
+    n_layer_attr: str = "num_hidden_layers"
+    """Config attribute holding the number of blocks."""
+
+    def name(self, what: str, layer: int | None = None) -> str:
+        """The module path of ``what`` (a field name) at ``layer``."""
+        template = getattr(self, what)
+        return template.format(layer) if "{}" in template else template
+
+    def module(self, model: nn.Module, what: str, layer: int | None = None) -> nn.Module:
+        return model.get_submodule(self.name(what, layer))
+
+    def n_layers(self, model: nn.Module) -> int:
+        return int(getattr(model.config, self.n_layer_attr))
+
+    def d_model(self, model: nn.Module) -> int:
+        return int(model.config.hidden_size)
+
+    def d_key(self, model: nn.Module, layer: int = 0) -> int:
+        """Size of the key: the input width of the MLP output projection."""
+        w = self.out_weight(model, layer)
+        return int(w.shape[0] if self.transposed else w.shape[1])
+
+    def out_weight(self, model: nn.Module, layer: int) -> torch.Tensor:
+        """The edited weight W_l; shape [d_model, d_key] unless ``transposed``."""
+        return self.module(model, "mlp_out", layer).weight
+
+
+_DECODER = dict(
+    block="model.layers.{}",
+    mlp="model.layers.{}.mlp",
+    mlp_out="model.layers.{}.mlp.down_proj",
+    attn="model.layers.{}.self_attn",
+    final_norm="model.norm",
+    lm_head="lm_head",
+    embed="model.embed_tokens",
+)
+
+SPECS: dict[str, ModelSpec] = {
+    "gpt2": ModelSpec(
+        family="gpt2",
+        block="transformer.h.{}",
+        mlp="transformer.h.{}.mlp",
+        mlp_out="transformer.h.{}.mlp.c_proj",
+        attn="transformer.h.{}.attn",
+        final_norm="transformer.ln_f",
+        lm_head="lm_head",
+        embed="transformer.wte",
+        transposed=True,
+        n_layer_attr="n_layer",
+    ),
+    "gptj": ModelSpec(
+        family="gptj",
+        block="transformer.h.{}",
+        mlp="transformer.h.{}.mlp",
+        mlp_out="transformer.h.{}.mlp.fc_out",
+        attn="transformer.h.{}.attn",
+        final_norm="transformer.ln_f",
+        lm_head="lm_head",
+        embed="transformer.wte",
+        n_layer_attr="n_layer",
+    ),
+    "gpt_neox": ModelSpec(
+        family="gpt_neox",
+        block="gpt_neox.layers.{}",
+        mlp="gpt_neox.layers.{}.mlp",
+        mlp_out="gpt_neox.layers.{}.mlp.dense_4h_to_h",
+        attn="gpt_neox.layers.{}.attention",
+        final_norm="gpt_neox.final_layer_norm",
+        lm_head="embed_out",
+        embed="gpt_neox.embed_in",
+    ),
+    "llama": ModelSpec(family="llama", **_DECODER),
+    "mistral": ModelSpec(family="mistral", **_DECODER),
+    "qwen2": ModelSpec(family="qwen2", **_DECODER),
+    "gemma3_text": ModelSpec(family="gemma3_text", **_DECODER),
+}
+
+
+class UnknownModelFamily(ValueError):
+    """Raised for a ``model_type`` without a ``ModelSpec``."""
+
+
+def get_spec(model: nn.Module) -> ModelSpec:
+    """The spec for ``model.config.model_type``; a helpful error when unknown."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    spec = SPECS.get(str(model_type))
+    if spec is not None:
+        return spec
+    linear_names = [
+        name for name, mod in model.named_modules() if name and name.rsplit(".", 1)[-1].isidentifier()
+        and ("layers.0." in name or "h.0." in name)
+    ]
+    raise UnknownModelFamily(
+        f"no ModelSpec for model_type={model_type!r}; supported: {', '.join(sorted(SPECS))}.\n"
+        f"Modules of its first block: {', '.join(linear_names) or '(none found)'}.\n"
+        "Add one with memit_pl.spec.register_spec(ModelSpec(family=..., block=..., mlp=..., "
+        "mlp_out=..., attn=..., final_norm=..., lm_head=..., embed=...)), giving module-path "
+        "templates with '{}' for the layer index; mlp_out is the MLP output projection."
+    )
+
+
+def register_spec(spec: ModelSpec) -> None:
+    """Add (or replace) the spec of ``spec.family``."""
+    SPECS[spec.family] = spec
