@@ -1,0 +1,37 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from memit_pl.testing import bpe_tokenizer, tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """A GPT-2-style byte-level BPE tokenizer (400 tokens) trained in code."""
+    return bpe_tokenizer()
+
+
+@pytest.fixture
+def make_model(tok):
+    """Factory: a tiny random model of a family, vocabulary matching ``tok``."""
+
+    def make(family: str = "llama", seed: int = 0, **kw):
+        return tiny_model(family, vocab_size=len(tok), seed=seed, **kw)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The packaged SmolLM2-135M (float32, CPU) and its tokenizer; for `slow` tests."""
+    from memit_pl.models import load_model
+
+    return load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
