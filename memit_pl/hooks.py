@@ -81,13 +81,44 @@ def trace(
 
         return hook
 
+    modules = {n: model.get_submodule(n) for n in names}  # a bad name fails before any hook exists
     for n in names:
-        handles.append(model.get_submodule(n).register_forward_hook(make_hook(n), with_kwargs=True))
+        handles.append(modules[n].register_forward_hook(make_hook(n), with_kwargs=True))
     with _hooks(handles):
         try:
             yield captured
         except StopForward:
             pass
+
+
+@dataclass
+class CallArgs:
+    """The positional and keyword arguments one module was called with."""
+
+    args: tuple = ()
+    kwargs: dict | None = None
+
+
+@contextmanager
+def capture_args(model: nn.Module, names: Iterable[str]) -> Iterator[dict[str, CallArgs]]:
+    """Record the arguments each named module is called with (e.g. the attention mask and
+    position embeddings a block receives), so that the module can be re-run on new inputs."""
+    names = list(dict.fromkeys(names))
+    captured = {n: CallArgs() for n in names}
+    handles = []
+
+    def make_hook(name: str):
+        def hook(module, args, kwargs):
+            captured[name] = CallArgs(tuple(args), dict(kwargs))
+            return None
+
+        return hook
+
+    modules = {n: model.get_submodule(n) for n in names}  # a bad name fails before any hook exists
+    for n in names:
+        handles.append(modules[n].register_forward_pre_hook(make_hook(n), with_kwargs=True))
+    with _hooks(handles):
+        yield captured
 
 
 @contextmanager
@@ -117,12 +148,15 @@ def edit_output(model: nn.Module, name: str, fn: Callable[[Tensor], Tensor]) -> 
 
 @contextmanager
 def edit_input(model: nn.Module, name: str, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
-    """Replace module ``name``'s first positional input ``x`` by ``fn(x)``."""
+    """Replace module ``name``'s first input ``x`` by ``fn(x)`` (positional, else the first keyword)."""
 
-    def hook(module, args):
-        return (fn(args[0]), *args[1:])
+    def hook(module, args, kwargs):
+        if args:
+            return (fn(args[0]), *args[1:]), kwargs
+        key = next(iter(kwargs))
+        return args, {**kwargs, key: fn(kwargs[key])}
 
-    with _hooks([model.get_submodule(name).register_forward_pre_hook(hook)]):
+    with _hooks([model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True)]):
         yield
 
 
@@ -132,6 +166,27 @@ def scatter_add(x: Tensor, batch_idx: Tensor, pos_idx: Tensor, delta: Tensor) ->
     index = (batch_idx.to(x.device) * x.shape[1] + pos_idx.to(x.device)).long()
     out = flat.index_add(0, index, delta.to(device=x.device, dtype=x.dtype))
     return out.view_as(x)
+
+
+def scatter_set(x: Tensor, batch_idx: Tensor, pos_idx: Tensor, values: Tensor) -> Tensor:
+    """``x`` [batch, pos, d] with rows (batch_idx[i], pos_idx[i]) replaced by ``values`` [n, d]; out of place.
+
+    The (batch_idx, pos_idx) pairs must be distinct.
+    """
+    flat = x.reshape(-1, x.shape[-1])
+    index = (batch_idx.to(x.device) * x.shape[1] + pos_idx.to(x.device)).long()
+    out = flat.index_copy(0, index, values.to(device=x.device, dtype=x.dtype))
+    return out.view_as(x)
+
+
+@contextmanager
+def replace_at(
+    model: nn.Module, name: str, values: Tensor, batch_idx: Tensor, pos_idx: Tensor
+) -> Iterator[None]:
+    """Set module ``name``'s output at (batch_idx, pos_idx) [n] to ``values`` [n, d] (e.g. restored
+    clean states in causal tracing)."""
+    with edit_output(model, name, lambda y: scatter_set(y, batch_idx, pos_idx, values)):
+        yield
 
 
 @contextmanager
@@ -155,6 +210,8 @@ def forward(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None =
 
 
 __all__ = [
+    "CallArgs",
+    "capture_args",
     "Captured",
     "StopForward",
     "add_to_output",
@@ -162,7 +219,9 @@ __all__ = [
     "edit_output",
     "forward",
     "gather_positions",
+    "replace_at",
     "scatter_add",
+    "scatter_set",
     "stop_after",
     "trace",
 ]
