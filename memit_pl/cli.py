@@ -6,6 +6,8 @@ import importlib
 import logging
 import sys
 
+from memit_pl.edits import EditFileError
+
 # name -> (module with ``main(argv)``, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("memit_pl.commands.demo", "edit the demo facts on the default model and show before/after"),
@@ -30,6 +32,17 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+_CHATTER = ("GPU available", "TPU available", "HPU available", "💡 Tip", "You are using a CUDA device")
+
+
+def quiet_lightning() -> None:
+    """Lightning logs through its own handler: stop its records printing twice and drop its start-up chatter."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).propagate = False
+    rz = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    rz.addFilter(lambda record: not str(record.getMessage()).startswith(_CHATTER))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -40,8 +53,16 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"memit-pl: unknown command {name!r}\n\n{_usage()}\n")
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    quiet_lightning()
     module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    from memit_pl.config import ConfigError  # imports torch: not needed for --help
+
+    try:
+        return int(module.main(rest) or 0)
+    except (EditFileError, FileNotFoundError, ConfigError) as exc:  # bad input: one line, no traceback
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        sys.stderr.write(f"memit-pl {name}: error: {msg}\n")
+        return 2
 
 
 if __name__ == "__main__":

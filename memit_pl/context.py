@@ -15,20 +15,22 @@ def sample_text(
     model: nn.Module, tokenizer, starts: Sequence[str], length: int, *, generator: torch.Generator, top_k: int = 5
 ) -> list[str]:
     """Continue each start word by ``length`` tokens, sampling from the top-k (the reference's
-    ``generate_fast``), with an explicit seeded generator; returns the decoded texts."""
+    ``generate_fast``), all starts in one left-padded batch, with an explicit seeded generator."""
     dev = input_device(model)
-    texts = []
-    for start in starts:
-        ids = tokenizer(start, return_tensors="pt")["input_ids"].to(dev)
-        n_prompt = ids.shape[1]
-        while ids.shape[1] < n_prompt + length:
-            logits = model(input_ids=ids, use_cache=False).logits[0, -1].float()
-            top = logits.topk(top_k)
-            probs = torch.softmax(top.values, -1).cpu()
-            choice = torch.multinomial(probs, 1, generator=generator).item()
-            ids = torch.cat([ids, top.indices[choice].view(1, 1)], dim=1)
-        texts.append(tokenizer.decode(ids[0], skip_special_tokens=True))
-    return texts
+    enc = [tokenizer(s)["input_ids"] for s in starts]
+    width = max(len(e) for e in enc)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([[pad] * (width - len(e)) + list(e) for e in enc], device=dev)
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=dev)
+    for _ in range(length):
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits[:, -1]
+        top = logits.float().topk(top_k, dim=-1)
+        probs = torch.softmax(top.values, -1).cpu()
+        choice = torch.multinomial(probs, 1, generator=generator).to(dev)
+        ids = torch.cat([ids, top.indices.gather(1, choice)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(ids, mask)]
 
 
 def context_prefixes(

@@ -129,7 +129,7 @@ def packaged_model_dir(name: str, cache_dir: str | Path | None = None) -> Path:
     entry = PACKAGED[name]
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache / "models" / name
-    if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
+    if _converted(target):
         return target
     gguf = _gguf_path(entry, cache)
     log.info("converting %s (%s) to safetensors in %s (once)", name, gguf, target)
@@ -154,15 +154,52 @@ def resolve_model_path(name_or_path: str, cache_dir: str | Path | None = None) -
     return name_or_path
 
 
-def load_tokenizer(name_or_path: str, cache_dir: str | Path | None = None, padding_side: str = "right"):
-    """The tokenizer, with a pad token (EOS when it has none) and the given padding side."""
+def _converted(model_dir: Path) -> bool:
+    return (model_dir / "config.json").exists() and (model_dir / "tokenizer_config.json").exists()
+
+
+def packaged_tokenizer_dir(name: str, cache_dir: str | Path | None = None) -> Path:
+    """A directory holding only the tokenizer of a packaged model, without converting its weights.
+
+    The converted model's directory when it exists; else the tokenizer is read straight from
+    the GGUF (``AutoTokenizer.from_pretrained(dir, gguf_file=...)``) and saved once under
+    ``<cache>/tokenizers/<name>``, so later loads take well under a second.
+    """
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path, cache_dir))
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    entry = PACKAGED[name]
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    model_dir = cache / "models" / name
+    if _converted(model_dir):
+        return model_dir
+    target = cache / "tokenizers" / name
+    if (target / "tokenizer_config.json").exists():
+        return target
+    gguf = _gguf_path(entry, cache)
+    log.info("reading the tokenizer of %s from %s (once)", name, gguf)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    _atomic_save_dir(target, tok.save_pretrained)
+    return target
+
+
+def _check_padding_side(padding_side: str) -> None:
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+
+
+def load_tokenizer(name_or_path: str, cache_dir: str | Path | None = None, padding_side: str = "right"):
+    """The tokenizer, with a pad token (EOS when it has none) and the given padding side.
+
+    For a packaged short name this never converts the model's weights (see
+    ``packaged_tokenizer_dir``).
+    """
+    from transformers import AutoTokenizer
+
+    _check_padding_side(padding_side)
+    path = packaged_tokenizer_dir(name_or_path, cache_dir) if name_or_path in PACKAGED else name_or_path
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
     tok.padding_side = padding_side
     return tok
 
@@ -186,6 +223,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
+    _check_padding_side(padding_side)
     path = resolve_model_path(name_or_path, cache_dir)
     kwargs = {"dtype": resolve_dtype(dtype)}
     if device_map is not None:
@@ -204,8 +242,18 @@ def input_device(model: nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
+def spread_over_devices(model: nn.Module) -> bool:
+    """True for a model placed over several devices by accelerate (``device_map``)."""
+    dm = getattr(model, "hf_device_map", None)
+    return bool(dm) and len({str(v) for v in dm.values()}) > 1
+
+
 def fingerprint(model: nn.Module) -> str:
-    """A short hash of the config and of every parameter's contents (cheap: sums and a sample)."""
+    """A short SHA-256 of the config and of every parameter's exact bytes (names, shapes, dtypes).
+
+    Exact: any change to any weight changes it; the device does not (bytes are hashed on the CPU).
+    About 0.4 s per 500 MB of weights.
+    """
     h = hashlib.sha256()
     cfg = model.config.to_dict()
     for k in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_attn_implementation_autoset"):
@@ -213,10 +261,7 @@ def fingerprint(model: nn.Module) -> str:
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
-            flat = p.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 64)][:64].double().cpu()
-            h.update(name.encode())
-            h.update(str(tuple(p.shape)).encode())
-            h.update(f"{flat.double().sum().item():.10e}".encode())
-            h.update(sample.numpy().tobytes())
+            h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|".encode())
+            raw = p.detach().reshape(-1).contiguous().view(torch.uint8).cpu()
+            h.update(memoryview(raw.numpy()))
     return h.hexdigest()[:16]

@@ -16,7 +16,7 @@ CORPUS = [
 ]
 
 
-def bpe_tokenizer(vocab_size: int = 400):
+def bpe_tokenizer(vocab_size: int = 1000):
     """A GPT-2-style byte-level BPE tokenizer trained in code on a few sentences."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2TokenizerFast
@@ -28,11 +28,11 @@ def bpe_tokenizer(vocab_size: int = 400):
     return tok
 
 
-def tiny_config(family: str, vocab_size: int, n_layer: int = 4, d_model: int = 32, d_ff: int = 64):
-    """A small random config of the given family."""
+def tiny_config(family: str, vocab_size: int, n_layer: int = 4, d_model: int = 32, d_ff: int = 64, **extra):
+    """A small random config of the given family (``extra``: further config fields)."""
     from transformers import AutoConfig
 
-    common = dict(vocab_size=vocab_size, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    common = dict(vocab_size=vocab_size, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0, **extra)
     if family == "gpt2":
         return AutoConfig.for_model("gpt2", n_layer=n_layer, n_embd=d_model, n_head=4, n_inner=d_ff, n_positions=256, **common)
     if family == "gptj":

@@ -20,7 +20,7 @@ from memit_pl import io
 from memit_pl.config import MemitConfig, TrainerConfig
 from memit_pl.context import context_prefixes
 from memit_pl.edits import EditRequest
-from memit_pl.models import fingerprint
+from memit_pl.models import fingerprint, input_device, spread_over_devices
 from memit_pl.spec import get_spec
 from memit_pl.zbatch import ZBatch, ZCollate
 from memit_pl.zopt import ZResult, optimize_z
@@ -93,6 +93,17 @@ def make_trainer(trainer_cfg: TrainerConfig, callbacks: list) -> L.Trainer:
     )
 
 
+def run_predict(trainer_cfg: TrainerConfig | None, callbacks: list, module: L.LightningModule, loader) -> None:
+    """``Trainer.predict`` that leaves the model where it was (Lightning's teardown moves it to the CPU)."""
+    params = list(module.parameters())
+    device = params[0].device if params else None
+    try:
+        make_trainer(trainer_cfg or TrainerConfig(), callbacks).predict(module, dataloaders=loader, return_predictions=False)
+    finally:
+        if device is not None:
+            module.to(device)
+
+
 def load_or_sample_prefixes(model: nn.Module, tokenizer, memit: MemitConfig, store_dir: Path) -> list[str]:
     """The run's context prefixes: read from the store directory, or sampled (seeded) and saved there."""
     path = store_dir / CONTEXT_FILE
@@ -138,8 +149,14 @@ def compute_zs(
             list(todo), batch_size=memit.z_batch_size, shuffle=False,
             collate_fn=ZCollate(tokenizer, prefixes, memit.essence_prompt),
         )
-        tr = make_trainer(trainer or TrainerConfig(), [ZStoreWriter(store_dir, key, metadata)])
-        tr.predict(ZModule(model, memit), dataloaders=loader, return_predictions=False)
+        if spread_over_devices(model):  # placed by accelerate over several devices: no Trainer
+            module = ZModule(model, memit)
+            for i, batch in enumerate(loader):
+                res = module.predict_step(batch.to(input_device(model)), i)
+                write_part(store_dir, f"plain-{time.time_ns()}-{i}", res.case_ids, res.to_tensors(), key)
+            merge(store_dir, key, metadata)
+        else:
+            run_predict(trainer, [ZStoreWriter(store_dir, key, metadata)], ZModule(model, memit), loader)
     elif not (store_dir / "zs.safetensors").exists() or (store_dir / "parts").exists():
         merge(store_dir, key, metadata)
     store = load_store(store_dir)

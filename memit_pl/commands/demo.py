@@ -1,0 +1,25 @@
+"""``memit-pl demo``: edit the demo facts on the default model and show the predictions before and after."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from memit_pl.commands._common import make_parser, parse
+from memit_pl.commands.edit import add_arguments, run
+from memit_pl.models import default_cache_dir
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def main(argv: list[str]) -> int:
+    config = REPO / "configs" / "smollm2-135m.yaml"
+    if "--config" not in argv and config.exists():
+        argv = ["--config", str(config), *argv]
+    parser = make_parser(__doc__)
+    add_arguments(parser, out_default=str(default_cache_dir() / "runs" / "demo"))
+    cfg, secs = parse(parser, argv)
+    if cfg.edits is None:
+        cfg.edits = str(REPO / "data" / "demo_edits.jsonl")
+        if not Path(cfg.edits).exists():
+            raise FileNotFoundError(f"{cfg.edits} not found: pass --edits FILE")
+    return run(cfg, secs, "demo")
