@@ -44,16 +44,13 @@ def solve_update(keys: Tensor, resid: Tensor, cov: Tensor, lam: float, prev_keys
 
 
 def _spd_solve(a: Tensor, rhs: Tensor) -> Tensor:
-    """Solve a X = rhs for symmetric positive (semi)definite ``a``: Cholesky, else LU, else least squares."""
+    """Solve a X = rhs for symmetric positive (semi)definite ``a``: Cholesky, else the minimum-norm
+    least-squares solution (pseudo-inverse), e.g. for λ = 0 with fewer keys than dimensions."""
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) == 0:
         return torch.cholesky_solve(rhs, chol)
     log.warning(
-        "Cholesky failed (the matrix λC + KKᵀ is not positive definite: λ=0 with fewer keys than dimensions, "
-        "or too few covariance samples); falling back to an LU solve"
+        "Cholesky failed: λC + KKᵀ is not positive definite (λ = 0 with fewer keys than dimensions, or "
+        "too few covariance samples); using the minimum-norm least-squares solution instead"
     )
-    try:
-        return torch.linalg.solve(a, rhs)
-    except RuntimeError:
-        log.warning("LU solve failed (singular matrix); using the minimum-norm least-squares solution")
-        return torch.linalg.pinv(a, hermitian=True) @ rhs
+    return torch.linalg.pinv(a, hermitian=True) @ rhs

@@ -104,7 +104,7 @@ def optimize_z(
         final_nll[active] = nll[active].detach()
         steps[active] = it
         if on_step is not None:
-            on_step(it, len(active), float(loss_a.mean()))
+            on_step(it, len(active), float(loss_a.detach().mean()))
         keep = (loss_a >= cfg.v_loss_threshold) & (it < cfg.v_num_grad_steps - 1)
         active = active[keep]
         if len(active) == 0:

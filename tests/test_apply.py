@@ -1,0 +1,135 @@
+import pytest
+import torch
+
+import memit_pl.zmodule as zm
+from memit_pl.apply import KeyCollate, apply_memit, keys_and_h, prefix_groups, residual_norms
+from memit_pl.config import MemitConfig, TrainerConfig
+from memit_pl.delta import apply_delta, load_delta, save_delta
+from memit_pl.edits import EditRequest
+from memit_pl.hooks import trace
+from memit_pl.spec import get_spec
+
+TCFG = TrainerConfig(accelerator="cpu", enable_progress_bar=False)
+REQUESTS = [
+    EditRequest("0", "Michael Jordan", "{} plays the sport of", "soccer"),
+    EditRequest("1", "France", "The capital of {} is", "Rome"),
+    EditRequest("2", "Toyota", "{} is a car company from", "Japan"),
+    EditRequest("3", "Albert Einstein", "{} was a famous", "painter"),
+]
+MORE = [
+    EditRequest("4", "Mozart", "{} was a famous", "footballer"),
+    EditRequest("5", "Canada", "The official language of {} is", "French"),
+]
+
+
+def memit_cfg(**kw):
+    base = dict(layers=[1, 2], v_num_grad_steps=6, v_lr=0.05, z_batch_size=3, context_templates=[[3, 2]],
+                mom2_update_weight=1.0, clamp_norm_factor=4.0)
+    return MemitConfig(**{**base, **kw})
+
+
+def covariances(model, layers, n=48, seed=0):
+    """E[k kᵀ] over random token sequences (plenty of tokens: full rank)."""
+    spec = get_spec(model)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (n, 24), generator=g)
+    names = [spec.name("mlp_out", layer) for layer in layers]
+    with torch.no_grad(), trace(model, names, inputs=True) as tr:
+        model(input_ids=ids)
+    out = {}
+    for layer, name in zip(layers, names):
+        k = tr[name].input.reshape(-1, tr[name].input.shape[-1])
+        out[layer] = k.T @ k / len(k)
+    return out
+
+
+@pytest.fixture
+def edited(make_model, tok, tmp_path):
+    def run(family="llama", requests=REQUESTS, cfg=None, out="run", model=None, **kw):
+        model = model if model is not None else make_model(family)
+        cfg = cfg or memit_cfg()
+        store = zm.compute_zs(model, tok, requests, cfg, tmp_path / out / "z", TCFG)
+        before = residual_norms(model, tok, requests, store, cfg)
+        delta = apply_memit(model, tok, requests, store, covariances(model, cfg.layers), cfg, tmp_path / out,
+                            trainer=TCFG, **kw)
+        after = residual_norms(model, tok, requests, store, cfg)
+        return model, store, delta, before, after
+
+    return run
+
+
+def test_keys_are_averaged_per_context_group(make_model, tok):
+    model = make_model("llama")
+    spec = get_spec(model)
+    prefixes = ["", "One two. ", "Three four five. ", "Six. "]
+    groups = prefix_groups([[2, 2], [1, 1]])
+    assert groups == [0, 1, 1, 2]
+    batch = KeyCollate(tok, prefixes, groups)(REQUESTS[:2])
+    keys, h = keys_and_h(model, spec, batch, 1, 2)
+    name = spec.name("mlp_out", 1)
+    for e, r in enumerate(REQUESTS[:2]):
+        rows = []
+        for p in prefixes:
+            one = KeyCollate(tok, [p], [0])([r])
+            with trace(model, [name], inputs=True) as tr:
+                model(input_ids=one.input_ids, attention_mask=one.attention_mask)
+            rows.append(tr[name].input[0, one.lookup[0]])
+        expected = (rows[0] + (rows[1] + rows[2]) / 2 + rows[3]) / 3
+        torch.testing.assert_close(keys[e], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
+def test_update_moves_h_toward_z(edited, family):
+    """After the update, h^L is much closer to z (gpt2: a transposed Conv1D weight)."""
+    model, store, delta, before, after = edited(family, cfg=memit_cfg(mom2_update_weight=1e-3))
+    assert delta.layers == [1, 2]
+    assert float(after.mean()) < 0.2 * float(before.mean())
+
+
+def test_apply_then_revert_restores_logits(edited, make_model, tok, tmp_path):
+    model, store, delta, *_ = edited("llama")
+    fresh = make_model("llama")
+    enc = tok(["Michael Jordan plays the sport of", "The capital of France is"], return_tensors="pt", padding=True)
+    reference = fresh(**enc).logits
+    assert (model(**enc).logits - reference).abs().max() > 1e-3
+    path = save_delta(tmp_path / "d", delta)
+    apply_delta(model, path, sign=-1)
+    assert (model(**enc).logits - reference).abs().max() <= 1e-5
+    apply_delta(fresh, load_delta(tmp_path / "d"))  # the saved delta reproduces the edit on a fresh model
+    apply_delta(model, load_delta(tmp_path / "d"))
+    torch.testing.assert_close(model(**enc).logits, fresh(**enc).logits)
+
+
+def test_resume_reuses_saved_layers(edited, make_model, tok, tmp_path, monkeypatch):
+    model, store, delta, *_ = edited("llama")
+    fresh = make_model("llama")
+    monkeypatch.setattr(zm, "run_predict", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    cfg = memit_cfg()
+    again = apply_memit(fresh, tok, REQUESTS, store, covariances(fresh, cfg.layers), cfg, tmp_path / "run", trainer=TCFG)
+    spec = get_spec(model)
+    for layer in cfg.layers:
+        torch.testing.assert_close(spec.out_weight(fresh, layer), spec.out_weight(model, layer))
+        torch.testing.assert_close(again.dense(layer), delta.dense(layer))
+
+
+def test_sequential_rounds_keep_the_first(edited, make_model, tok, tmp_path):
+    """Round 2 with round 1's keys preserved disturbs round 1's edits less than round 2 alone."""
+    from memit_pl.pipeline import previous_keys
+
+    cfg = memit_cfg(mom2_update_weight=0.5)
+    kept = {}
+    for name, prev in (("plain", None), ("kept", True)):
+        model, store1, *_ = edited("llama", cfg=cfg, out=f"r1-{name}")
+        first = residual_norms(model, tok, REQUESTS, store1, cfg)
+        kw = {"prev_keys": previous_keys([tmp_path / f"r1-{name}"], cfg.layers)} if prev else {}
+        edited("llama", requests=MORE, cfg=cfg, out=f"r2-{name}", model=model, **kw)
+        kept[name] = float((residual_norms(model, tok, REQUESTS, store1, cfg) - first).abs().mean())
+    assert kept["kept"] < 0.5 * kept["plain"]
+
+
+def test_store_layer_mismatch_is_an_error(edited, make_model, tok, tmp_path):
+    model = make_model("llama")
+    store = zm.compute_zs(model, tok, REQUESTS[:1], memit_cfg(), tmp_path / "z", TCFG)
+    cfg = memit_cfg(layers=[1, 3])
+    with pytest.raises(ValueError, match="layer"):
+        apply_memit(model, tok, REQUESTS[:1], store, covariances(model, cfg.layers), cfg, tmp_path / "x", trainer=TCFG)

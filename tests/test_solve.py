@@ -1,0 +1,49 @@
+import torch
+
+from memit_pl.solve import solve_update, spread_residual
+
+
+def _rand(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+
+def test_update_equals_least_squares_on_augmented_problem():
+    """Eqn. 9: W1 = argmin ‖W K0 − W0 K0‖² + ‖W K1 − (W0 K1 + R)‖², solved by lstsq, equals W0 + Δ."""
+    d_out, d_k, n_old, n_new = 6, 10, 40, 4
+    w0, k0, k1, r = _rand(d_out, d_k, seed=1), _rand(d_k, n_old, seed=2), _rand(d_k, n_new, seed=3), _rand(d_out, n_new, seed=4)
+    keys = torch.cat([k0, k1], 1).T  # [n, d_k]
+    targets = torch.cat([w0 @ k0, w0 @ k1 + r], 1).T  # [n, d_out]
+    w1 = torch.linalg.lstsq(keys, targets).solution.T
+    a, b = solve_update(k1.T, r.T, k0 @ k0.T / n_old, lam=float(n_old))
+    assert a.shape == (d_out, n_new) and b.shape == (d_k, n_new)
+    torch.testing.assert_close((w0 + (a @ b.T).double()), w1, atol=1e-5, rtol=1e-4)
+
+
+def test_small_lambda_maps_each_key_to_its_target():
+    d_k, n = 12, 5
+    k, r = _rand(n, d_k, seed=5), _rand(n, 7, seed=6)
+    for lam in (1e-9, 0.0):  # 0: singular, handled by the least-squares fallback
+        a, b = solve_update(k, r, torch.eye(d_k, dtype=torch.float64), lam=lam)
+        torch.testing.assert_close((a @ b.T).double() @ k.T, r.T, atol=1e-4, rtol=1e-4)
+
+
+def test_larger_lambda_shrinks_the_update():
+    k, r = _rand(5, 12, seed=7), _rand(5, 7, seed=8)
+    cov = torch.eye(12, dtype=torch.float64)
+    norms = [(lambda ab: (ab[0] @ ab[1].T).norm())(solve_update(k, r, cov, lam=lam)) for lam in (0.1, 10.0, 1000.0)]
+    assert norms[0] > norms[1] > norms[2]
+
+
+def test_previous_keys_are_preserved():
+    """Adding earlier rounds' keys to the preserved set makes the update leave them (nearly) alone."""
+    k_prev, k, r = _rand(4, 12, seed=9), _rand(3, 12, seed=10), _rand(3, 7, seed=11)
+    cov = 1e-3 * torch.eye(12, dtype=torch.float64)
+    a, b = solve_update(k, r, cov, lam=1.0)
+    a2, b2 = solve_update(k, r, cov, lam=1.0, prev_keys=k_prev * 100)
+    assert ((a2 @ b2.T).double() @ k_prev.T).norm() < 0.01 * ((a @ b.T).double() @ k_prev.T).norm()
+
+
+def test_spread_residual():
+    z, h = torch.ones(2, 3) * 5, torch.ones(2, 3)
+    torch.testing.assert_close(spread_residual(z, h, 4), torch.ones(2, 3))

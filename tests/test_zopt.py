@@ -1,0 +1,211 @@
+import pytest
+import torch
+
+from memit_pl.config import MemitConfig, TrainerConfig
+from memit_pl.edits import EditRequest, target_ids
+from memit_pl.hooks import edit_output
+from memit_pl.losses import RowAdam, clamp_rows, essence_kl, mean_per_edit, target_nll
+from memit_pl.spec import get_spec
+from memit_pl.tail import Tail, record_tail
+from memit_pl.testing import FAMILIES
+from memit_pl.tokens import tokenize_with_subject
+from memit_pl.z_reference import reference_z
+from memit_pl.zbatch import build_z_batch
+from memit_pl.zopt import optimize_z
+
+REQUESTS = [
+    EditRequest("0", "Michael Jordan", "{} plays the sport of", "soccer"),
+    EditRequest("1", "France", "The capital of {} is", "Rome"),
+    EditRequest("2", "Toyota", "{} is a car company from", "Japan"),
+    EditRequest("3", "Albert Einstein", "{} was a famous", "baseball player"),
+]
+PREFIXES = ["", "It was a sunny day. ", "Therefore, I think "]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tail_rerun_equals_full_forward(make_model, tok, family):
+    model = make_model(family)
+    spec = get_spec(model)
+    enc = tok(["The capital of France is", "Paris is a city in the world of"], return_tensors="pt", padding=True)
+    full = model(**enc).logits
+    tail = record_tail(model, spec, 1, enc.input_ids, enc.attention_mask)
+    torch.testing.assert_close(Tail.logits(model, spec, tail.run(model, tail.hidden)), full, atol=1e-5, rtol=1e-5)
+    rows = torch.tensor([1])
+    one = Tail.logits(model, spec, tail.run(model, tail.hidden[rows], rows=rows))
+    torch.testing.assert_close(one[0], full[1], atol=1e-5, rtol=1e-5)
+
+
+def test_z_batch_layout(tok):
+    b = build_z_batch(tok, REQUESTS, PREFIXES, "{} is a")
+    assert b.input_ids.shape[0] == len(REQUESTS) * (len(PREFIXES) + 1)
+    for row, (pos, ids) in zip(b.rewrite_rows.tolist(), zip(b.target_pos, b.target_ids)):
+        for p, t in zip(pos.tolist(), ids.tolist()):
+            if t == -100:
+                continue
+            assert b.attention_mask[row, p] == 1
+            if p + 1 < b.input_ids.shape[1] and b.attention_mask[row, p + 1]:
+                assert b.input_ids[row, p + 1] == t  # teacher forcing: the next input is the target
+    # the lookup of each row points at the subject's last token
+    for row in range(b.input_ids.shape[0]):
+        subject = REQUESTS[int(b.edit_of_row[row])].subject
+        piece = tok.decode(b.input_ids[row, b.lookup[row]]).strip()
+        assert piece and subject.endswith(piece)
+    assert b.init_rows.tolist() == [e * (len(PREFIXES) + 1) for e in range(len(REQUESTS))]
+
+
+ENDING = [  # prompts that end with the subject: the edited position predicts, so losses move
+    EditRequest(str(i), s, "The answer to the question about {}", t)
+    for i, (s, t) in enumerate([("France", "Rome"), ("Toyota", "Japan"), ("Einstein", "soccer"), ("Michael Jordan", "baseball player")])
+]
+
+
+def _stopping_steps(losses: torch.Tensor, threshold: float) -> list[int]:
+    """losses [steps, n_edits] -> the step at which each edit first falls below the threshold."""
+    below = losses < threshold
+    last = losses.shape[0] - 1
+    return [int(below[:, i].nonzero()[0]) if below[:, i].any() else last for i in range(losses.shape[1])]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_batched_z_equals_one_edit_at_a_time(make_model, tok, family):
+    """float64 removes rounding noise, so any difference would be a logic difference; the early-stop
+    threshold is chosen so that the edits stop at different steps."""
+    model = make_model(family).double()
+    spec = get_spec(model)
+    reqs = REQUESTS[:2] + ENDING
+    cfg = MemitConfig(layers=[1, 2], v_num_grad_steps=1, v_lr=0.05, v_loss_threshold=0.0, clamp_norm_factor=20.0,
+                      v_weight_decay=0.01)
+    batch = build_z_batch(tok, reqs, PREFIXES)
+    traj = []  # with n steps allowed, the reported loss is the loss after n-1 Adam steps
+    for n in range(1, 13):
+        cfg.v_num_grad_steps = n
+        traj.append(optimize_z(model, spec, batch, cfg).loss)
+    traj = torch.stack(traj)
+    cfg.v_loss_threshold = max((float(v) + 1e-9 for v in traj.flatten()),
+                               key=lambda t: len(set(_stopping_steps(traj, t))))
+    expected = _stopping_steps(traj, cfg.v_loss_threshold)
+    assert len(set(expected)) >= 3, "the test needs edits that stop at different steps"
+    batched = optimize_z(model, spec, batch, cfg)
+    assert batched.steps.tolist() == expected
+    for i, r in enumerate(reqs):
+        z, loss, steps = reference_z(model, tok, spec, r, PREFIXES, cfg)
+        alone = optimize_z(model, spec, build_z_batch(tok, [r], PREFIXES), cfg)
+        assert int(batched.steps[i]) == steps == int(alone.steps[0])
+        assert (batched.z[i] - z).norm() / z.norm() <= 1e-3
+        assert (alone.z[0] - z).norm() / z.norm() <= 1e-3
+        assert abs(float(batched.loss[i]) - loss) <= 1e-6 * max(1.0, abs(loss))
+
+
+def test_clamp_holds(make_model, tok):
+    model = make_model("llama")
+    cfg = MemitConfig(layers=[1], v_num_grad_steps=8, v_lr=5.0, clamp_norm_factor=0.1, v_weight_decay=0.0)
+    res = optimize_z(model, get_spec(model), build_z_batch(tok, REQUESTS, PREFIXES), cfg)
+    assert torch.all(res.delta_norm <= 0.1 * res.h_norm * (1 + 1e-5))
+    assert torch.all(res.delta_norm >= 0.1 * res.h_norm * 0.99)  # a large lr drives δ onto the bound
+
+
+def test_early_stop_with_high_threshold(make_model, tok):
+    model = make_model("llama")
+    cfg = MemitConfig(layers=[1], v_num_grad_steps=8, v_loss_threshold=1e9)
+    res = optimize_z(model, get_spec(model), build_z_batch(tok, REQUESTS, PREFIXES), cfg)
+    assert res.steps.tolist() == [0] * len(REQUESTS)
+    assert torch.all(res.delta_norm == 0)
+
+
+def test_z_makes_the_new_object_the_argmax(make_model, tok):
+    """Writing z into h^L at the subject's last token makes the new object the top prediction.
+
+    In a random tiny model, attention barely carries information between positions, so the prompts
+    end with the subject (the edited position is the predicting one)."""
+    model = make_model("llama")
+    spec = get_spec(model)
+    reqs = [EditRequest(str(i), s, "The answer to the question about {}", t)
+            for i, (s, t) in enumerate([("France", "Rome"), ("Toyota", "Japan"), ("Einstein", "soccer")])]
+    cfg = MemitConfig(layers=[1, 2], v_num_grad_steps=25, v_lr=1.0, clamp_norm_factor=50.0, kl_factor=0.0,
+                      v_weight_decay=0.0)
+    res = optimize_z(model, spec, build_z_batch(tok, reqs, [""]), cfg)
+    pb = tokenize_with_subject(tok, [r.prompt for r in reqs], [r.subject for r in reqs])
+    rows = torch.arange(len(reqs))
+    top_before = model(input_ids=pb.input_ids, attention_mask=pb.attention_mask).logits[rows, pb.last].argmax(-1)
+    with edit_output(model, spec.name("block", 2), lambda y: y.index_put((rows, pb.subject_last), res.z)):
+        top = model(input_ids=pb.input_ids, attention_mask=pb.attention_mask).logits[rows, pb.last].argmax(-1)
+    wanted = [target_ids(tok, r.target_new)[0] for r in reqs]
+    assert top.tolist() == wanted
+    assert top_before.tolist() != wanted
+
+
+def test_row_adam_matches_torch_adam_and_freezes_other_rows():
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(3, 5, generator=g)
+    ref = p[1].clone().requires_grad_(True)
+    opt = torch.optim.Adam([ref], lr=0.1)
+    mine = p.clone().requires_grad_(True)
+    adam = RowAdam(mine, lr=0.1)
+    for _ in range(4):
+        grad = torch.randn(3, 5, generator=g)
+        ref.grad = grad[1].clone()
+        opt.step()
+        mine.grad = grad
+        adam.step(torch.tensor([1]))
+    torch.testing.assert_close(mine[1].detach(), ref.detach())
+    torch.testing.assert_close(mine[0].detach(), p[0])
+    torch.testing.assert_close(mine[2].detach(), p[2])
+
+
+def test_loss_pieces_by_hand():
+    log_probs = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]], [[0.2, 0.2, 0.6], [1 / 3, 1 / 3, 1 / 3]]]))
+    nll = target_nll(log_probs, torch.tensor([[0, 1], [2, -100]]))
+    torch.testing.assert_close(nll, torch.tensor([-(torch.log(torch.tensor(0.5)) + torch.log(torch.tensor(0.8))) / 2,
+                                                   -torch.log(torch.tensor(0.6))]))
+    torch.testing.assert_close(mean_per_edit(torch.tensor([1.0, 3.0, 10.0]), torch.tensor([0, 0, 1]), 2), torch.tensor([2.0, 10.0]))
+    p, q = torch.tensor([[0.5, 0.5]]), torch.tensor([[0.9, 0.1]])
+    kl = essence_kl(p.log(), q.log())  # KL(q ‖ p)
+    torch.testing.assert_close(kl, (q * (q / p).log()).sum(-1))
+    d = clamp_rows(torch.tensor([[3.0, 4.0], [0.3, 0.4]]), torch.tensor([1.0, 1.0]))
+    torch.testing.assert_close(d, torch.tensor([[0.6, 0.8], [0.3, 0.4]]))
+
+
+def test_trainer_stage_store_and_resume(make_model, tok, tmp_path, monkeypatch):
+    """A run killed after its first batch, restarted, equals an uninterrupted run."""
+    import memit_pl.zmodule as zm
+
+    model = make_model("llama")
+    cfg = MemitConfig(layers=[1, 2], v_num_grad_steps=4, z_batch_size=2, context_templates=[[3, 2]])
+    tcfg = TrainerConfig(accelerator="cpu", enable_progress_bar=False)
+    full = zm.compute_zs(model, tok, REQUESTS, cfg, tmp_path / "full", tcfg)
+    assert full.case_ids == [r.case_id for r in REQUESTS]
+    assert full.tensors["z"].shape == (4, 32)
+
+    calls = {"n": 0}
+    real = zm.optimize_z
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(zm, "optimize_z", dying)
+    with pytest.raises(BaseException):
+        zm.compute_zs(model, tok, REQUESTS, cfg, tmp_path / "resumed", tcfg)
+    assert len(list((tmp_path / "resumed" / "parts").glob("*.safetensors"))) == 1
+    monkeypatch.setattr(zm, "optimize_z", real)
+    seen = []
+    monkeypatch.setattr(zm, "optimize_z", lambda m, s, batch, c, on_step=None: seen.append(batch.case_ids) or real(m, s, batch, c, on_step))
+    resumed = zm.compute_zs(model, tok, REQUESTS, cfg, tmp_path / "resumed", tcfg)
+    assert seen == [["2", "3"]]
+    assert sorted(resumed.case_ids) == sorted(full.case_ids)
+    for c in full.case_ids:
+        torch.testing.assert_close(resumed.z_for([c]), full.z_for([c]), atol=1e-6, rtol=1e-5)
+
+
+def test_store_rejects_other_settings(make_model, tok, tmp_path):
+    import memit_pl.zmodule as zm
+
+    model = make_model("llama")
+    cfg = MemitConfig(layers=[1], v_num_grad_steps=2, context_templates=[[3, 1]])
+    tcfg = TrainerConfig(accelerator="cpu", enable_progress_bar=False)
+    zm.compute_zs(model, tok, REQUESTS[:1], cfg, tmp_path, tcfg)
+    cfg2 = MemitConfig(layers=[1], v_num_grad_steps=3, context_templates=[[3, 1]])
+    with pytest.raises(ValueError, match="another model, layer"):
+        zm.compute_zs(model, tok, REQUESTS, cfg2, tmp_path, tcfg)
