@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from memit_pl.commands._common import load, make_parser, parse, save_config
-from memit_pl.edits import load_edits
+from memit_pl.edits import load_edits, validate
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +23,9 @@ def main(argv: list[str]) -> int:
     from memit_pl.pipeline import apply_stage
     from memit_pl.zstore import load_store
 
+    requests = load_edits(cfg.edits, limit=cfg.limit)  # bad input fails here, before the model loads
     model, tok = load(secs["model"])
-    requests = load_edits(cfg.edits, tokenizer=tok, limit=cfg.limit)
+    validate(requests, tok)
     store = load_store(cfg.z)
     extra = {"edits": str(cfg.edits), "z": str(cfg.z), "previous": cfg.previous}
     path = save_config(cfg.out, "apply", secs, extra)

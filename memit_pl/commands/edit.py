@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from memit_pl.commands._common import load, make_parser, parse, save_config
-from memit_pl.edits import EditRequest, load_edits
+from memit_pl.edits import EditRequest, load_edits, validate
 
 
 def probe_prompts(requests: Sequence[EditRequest]) -> list[tuple[str, str, str]]:
@@ -38,8 +38,9 @@ def table(requests: Sequence[EditRequest], before: list[list[str]], after: list[
 def run(cfg, secs, command: str) -> int:
     from memit_pl.pipeline import run_edit
 
+    requests = load_edits(cfg.edits, limit=cfg.limit)  # bad input fails here, before the model loads
     model, tok = load(secs["model"])
-    requests = load_edits(cfg.edits, tokenizer=tok, limit=cfg.limit)
+    validate(requests, tok)
     out = Path(cfg.out)
     extra = {"edits": str(cfg.edits), "limit": cfg.limit, "previous": cfg.previous}
     path = save_config(out, command, secs, extra)

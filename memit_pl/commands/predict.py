@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 from memit_pl.commands._common import load, make_parser, parse
-from memit_pl.edits import load_edits
-from memit_pl.predict import top_predictions
+from memit_pl.edits import load_edits, target_ids
+from memit_pl.predict import top_ids
 
 log = logging.getLogger(__name__)
 
@@ -16,17 +17,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--edits", required=True, help="edits file (CounterFact JSON, zsRE JSON or JSONL)")
     parser.add_argument("--k", type=int, default=3, help="predictions per prompt")
     cfg, secs = parse(parser, argv)
+    load_edits(cfg.edits)  # a bad file fails here, before the model is loaded
     model, tok = load(secs["model"], padding_side="left")
     requests = load_edits(cfg.edits, tokenizer=tok)
-    preds = top_predictions(model, tok, [r.text for r in requests], k=cfg.k)
+    ids = top_ids(model, tok, [r.text for r in requests], k=cfg.k)
     hits = 0
-    lines = [f"{'prompt':<60} {'true':<14} {'new':<14} top-{cfg.k}"]
-    for r, p in zip(requests, preds):
-        ok = r.target_true is not None and p[0] and r.target_true.startswith(p[0])
+    lines = [f"{'prompt':<60} {'true':<14} {'new':<14}   top-{cfg.k}"]
+    for r, row in zip(requests, ids.tolist()):
+        # right = the top-1 token is the first token of target_true (as it follows the prompt)
+        ok = r.target_true is not None and target_ids(tok, r.target_true)[:1] == row[:1]
         hits += bool(ok)
-        lines.append(f"{r.text[:60]:<60} {str(r.target_true)[:14]:<14} {r.target_new[:14]:<14} {', '.join(p)}")
+        preds = ", ".join(tok.decode([t]).strip() for t in row)
+        mark = "*" if ok else " "
+        lines.append(f"{r.text[:60]:<60} {str(r.target_true)[:14]:<14} {r.target_new[:14]:<14} {mark} {preds}")
     lines.append(f"top-1 is the first token of target_true for {hits}/{len(requests)} prompts")
-    import sys
-
     sys.stdout.write("\n".join(lines) + "\n")
     return 0

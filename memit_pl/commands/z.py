@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from memit_pl.commands._common import load, make_parser, parse, save_config
-from memit_pl.edits import load_edits
+from memit_pl.edits import load_edits, validate
 
 log = logging.getLogger(__name__)
 
@@ -19,8 +19,9 @@ def main(argv: list[str]) -> int:
     cfg, secs = parse(parser, argv)
     from memit_pl.zmodule import compute_zs
 
+    requests = load_edits(cfg.edits, limit=cfg.limit)  # bad input fails here, before the model loads
     model, tok = load(secs["model"])
-    requests = load_edits(cfg.edits, tokenizer=tok, limit=cfg.limit)
+    validate(requests, tok)
     save_config(cfg.out, "z", secs, {"edits": str(cfg.edits), "limit": cfg.limit})
     store = compute_zs(model, tok, requests, secs["memit"], Path(cfg.out), secs["trainer"])
     t = store.tensors
