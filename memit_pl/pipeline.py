@@ -27,10 +27,11 @@ def stats_dir(cache_dir: str | Path | None) -> Path | None:
 
 
 def covariances(model, tokenizer, memit: MemitConfig, stats: StatsConfig, cache_dir=None, trainer=None):
-    """E[k kᵀ] for every edited layer, from the statistics stage (cached)."""
-    from memit_pl.stats import layer_covariances
+    """(E[k kᵀ] for every edited layer, from the statistics stage (cached); the statistics' cache id)."""
+    from memit_pl.stats import layer_covariances, stats_cache
 
-    return layer_covariances(model, tokenizer, list(memit.layers), stats, cache_dir=stats_dir(cache_dir), trainer=trainer)
+    covs = layer_covariances(model, tokenizer, list(memit.layers), stats, cache_dir=stats_dir(cache_dir), trainer=trainer)
+    return covs, stats_cache(model, tokenizer, stats, stats_dir(cache_dir)).key.dirname()
 
 
 def previous_keys(dirs: Sequence[str | Path], layers: Sequence[int]) -> dict[int, torch.Tensor]:
@@ -81,14 +82,14 @@ def apply_stage(
     fp_before = fingerprint(model)
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    covs = covariances(model, tokenizer, memit, stats, cache_dir, trainer)
+    covs, cov_id = covariances(model, tokenizer, memit, stats, cache_dir, trainer)
     timings["stats_s"] = time.perf_counter() - t
     prev = previous_keys(previous, memit.layers) if previous else None
     resid_before = residual_norms(model, tokenizer, requests, store, memit)
     t = time.perf_counter()
     delta = apply_memit(
         model, tokenizer, requests, store, covs, memit, out_dir, trainer=trainer, prev_keys=prev,
-        cov_ids={layer: f"{stats.corpus}:{stats.n_samples}:{stats.seq_len}" for layer in memit.layers},
+        cov_ids={layer: cov_id for layer in memit.layers},
         prev_ids=[str(p) for p in previous],
     )
     timings["apply_s"] = time.perf_counter() - t

@@ -209,3 +209,28 @@ def test_store_rejects_other_settings(make_model, tok, tmp_path):
     cfg2 = MemitConfig(layers=[1], v_num_grad_steps=3, context_templates=[[3, 1]])
     with pytest.raises(ValueError, match="another model, layer"):
         zm.compute_zs(model, tok, REQUESTS, cfg2, tmp_path, tcfg)
+
+
+@pytest.mark.slow
+def test_smollm2_batched_equals_reference_and_hits_targets(smollm2):
+    """Three real edits: the batched optimiser follows the reference loop in float32, and writing z
+    into h^L makes the new object the model's top prediction."""
+    model, tok = smollm2
+    spec = get_spec(model)
+    reqs = [
+        EditRequest("0", "Michael Jordan", "{} plays the sport of", "baseball"),
+        EditRequest("1", "Eiffel Tower", "The {} is located in the city of", "Rome"),
+        EditRequest("2", "Albert Einstein", "{} was a famous", "painter"),
+    ]
+    cfg = MemitConfig(layers=[3, 4, 5, 6, 7], v_num_grad_steps=20)
+    prefixes = ["", "The first day of the week was a good one. ", "Because it was raining, I stayed home. "]
+    res = optimize_z(model, spec, build_z_batch(tok, reqs, prefixes), cfg)
+    for i, r in enumerate(reqs):
+        z, loss, steps = reference_z(model, tok, spec, r, prefixes, cfg)
+        assert (res.z[i] - z).norm() / z.norm() <= 1e-3
+        assert int(res.steps[i]) == steps
+    pb = tokenize_with_subject(tok, [r.prompt for r in reqs], [r.subject for r in reqs])
+    rows = torch.arange(len(reqs))
+    with torch.no_grad(), edit_output(model, spec.name("block", 7), lambda y: y.index_put((rows, pb.subject_last), res.z)):
+        top = model(input_ids=pb.input_ids, attention_mask=pb.attention_mask).logits[rows, pb.last].argmax(-1)
+    assert top.tolist() == [target_ids(tok, r.target_new)[0] for r in reqs]
