@@ -6,7 +6,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memit_pl.models import DEFAULT_MODEL
+from memit_pl.models import DEFAULT_MODEL, DTYPES
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used, naming its section and field."""
 
 
 @dataclass
@@ -23,6 +27,10 @@ class ModelConfig:
     """Spread a model over devices with accelerate (e.g. "auto"); overrides ``device``."""
     cache_dir: str | None = None
     """Converted packaged models and statistics; default ``$MEMIT_PL_CACHE`` or ~/.cache/memit_pl."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
 
 
 @dataclass
@@ -108,8 +116,8 @@ class TrainerConfig:
 class EvalConfig:
     """Evaluation settings."""
 
-    batch_size: int = 32
-    """Prompts per forward pass."""
+    batch_size: int = 256
+    """Rows (prompt + target sequences) per forward pass; whole cases are packed together."""
     generation_length: int = 50
     """New tokens per generation prompt (Generation Entropy)."""
     max_generation_prompts: int = 2
@@ -140,7 +148,10 @@ def sections(cfg) -> dict[str, Any]:
     for name, cls in SECTIONS.items():
         sub = cfg.get(name)
         values = sub.as_dict() if hasattr(sub, "as_dict") else dict(sub or {})
-        out[name] = cls(**values)
+        try:
+            out[name] = cls(**values)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"config section {name!r}: {exc}") from exc
     return out
 
 

@@ -34,6 +34,8 @@ class EditRequest:
     """Per neighbourhood prompt, its answer when it is not ``target_true`` (zsRE's loc_ans)."""
     attribute_prompts: list[str] = field(default_factory=list)
     generation_prompts: list[str] = field(default_factory=list)
+    target_new_id: str | None = None
+    """CounterFact's ``target_new.id`` (a Wikidata id): keys the Reference Score's reference texts."""
 
     @property
     def text(self) -> str:
@@ -99,9 +101,15 @@ def parse_counterfact(records: Sequence[dict]) -> list[EditRequest]:
                 neighborhood=_str_list(rec, "neighborhood_prompts", where),
                 attribute_prompts=_str_list(rec, "attribute_prompts", where),
                 generation_prompts=_str_list(rec, "generation_prompts", where),
+                target_new_id=_target_id(rw),
             )
         )
     return out
+
+
+def _target_id(rw: dict) -> str | None:
+    t = rw.get("target_new")
+    return str(t["id"]) if isinstance(t, dict) and t.get("id") is not None else None
 
 
 def parse_zsre(records: Sequence[dict]) -> list[EditRequest]:
@@ -128,7 +136,7 @@ def parse_zsre(records: Sequence[dict]) -> list[EditRequest]:
                 target_new=_str(rec, "alt", where),
                 target_true=answers[0] if answers and isinstance(answers[0], str) else None,
                 paraphrases=_str_list(rec, "rephrase", where),
-                neighborhood=[loc] if loc else [],
+                neighborhood=[loc + "?"] if loc else [],  # as the reference's loader
                 neighborhood_answers=[_str(rec, "loc_ans", where)] if loc else [],
             )
         )

@@ -5,21 +5,33 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import Tensor
 
 from memit_pl.models import input_device
 from memit_pl.tokens import last_token_index
 
 
 @torch.no_grad()
-def top_predictions(model, tokenizer, prompts: Sequence[str], k: int = 1, batch_size: int = 32) -> list[list[str]]:
-    """The ``k`` most likely next tokens (decoded, stripped) after each prompt."""
-    out: list[list[str]] = []
+def top_ids(model, tokenizer, prompts: Sequence[str], k: int = 1, batch_size: int = 32) -> Tensor:
+    """Ids of the ``k`` most likely next tokens after each prompt, best first: [batch, k] (CPU).
+
+    Works with either padding side (the last real token of each row is read).
+    """
+    out: list[Tensor] = []
     dev = input_device(model)
     for i in range(0, len(prompts), batch_size):
         enc = tokenizer(list(prompts[i : i + batch_size]), padding=True, return_tensors="pt").to(dev)
-        logits = model(**enc, use_cache=False).logits
-        last = last_token_index(enc["attention_mask"])
+        mask = enc["attention_mask"]
+        # positions count real tokens only, so left padding does not shift absolute position embeddings
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=position_ids, use_cache=False).logits
+        last = last_token_index(mask)
         rows = logits[torch.arange(len(last), device=logits.device), last]
-        for ids in rows.topk(k, dim=-1).indices.tolist():
-            out.append([tokenizer.decode([t]).strip() for t in ids])
-    return out
+        out.append(rows.topk(k, dim=-1).indices.cpu())
+    return torch.cat(out) if out else torch.empty(0, k, dtype=torch.long)
+
+
+def top_predictions(model, tokenizer, prompts: Sequence[str], k: int = 1, batch_size: int = 32) -> list[list[str]]:
+    """The ``k`` most likely next tokens (decoded, stripped) after each prompt."""
+    ids = top_ids(model, tokenizer, prompts, k=k, batch_size=batch_size)
+    return [[tokenizer.decode([t]).strip() for t in row] for row in ids.tolist()]

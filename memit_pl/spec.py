@@ -100,7 +100,7 @@ SPECS: dict[str, ModelSpec] = {
         mlp_out="gpt_neox.layers.{}.mlp.dense_4h_to_h",
         attn="gpt_neox.layers.{}.attention",
         final_norm="gpt_neox.final_layer_norm",
-        lm_head="embed_out",
+        lm_head="lm_head",
         embed="gpt_neox.embed_in",
     ),
     "llama": ModelSpec(family="llama", **_DECODER),
@@ -114,22 +114,39 @@ class UnknownModelFamily(ValueError):
     """Raised for a ``model_type`` without a ``ModelSpec``."""
 
 
+def _candidate_modules(model: nn.Module) -> tuple[str, list[str], list[str]]:
+    """(path of the block list, "name (Class)" inside its first block, the other leaf modules)."""
+    blocks = next(
+        (n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 1), None
+    )
+    inside, outside = [], []
+    for name, mod in model.named_modules():
+        if not name:
+            continue
+        if blocks is not None and name.startswith(blocks + "."):
+            if name.startswith(f"{blocks}.0.") or name == f"{blocks}.0":
+                inside.append(f"{name} ({type(mod).__name__})")
+        elif not any(True for _ in mod.children()):
+            outside.append(f"{name} ({type(mod).__name__})")
+    return blocks or "(none found)", inside, outside
+
+
 def get_spec(model: nn.Module) -> ModelSpec:
     """The spec for ``model.config.model_type``; a helpful error when unknown."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     spec = SPECS.get(str(model_type))
     if spec is not None:
         return spec
-    linear_names = [
-        name for name, mod in model.named_modules() if name and name.rsplit(".", 1)[-1].isidentifier()
-        and ("layers.0." in name or "h.0." in name)
-    ]
+    blocks, inside, outside = _candidate_modules(model)
     raise UnknownModelFamily(
         f"no ModelSpec for model_type={model_type!r}; supported: {', '.join(sorted(SPECS))}.\n"
-        f"Modules of its first block: {', '.join(linear_names) or '(none found)'}.\n"
-        "Add one with memit_pl.spec.register_spec(ModelSpec(family=..., block=..., mlp=..., "
-        "mlp_out=..., attn=..., final_norm=..., lm_head=..., embed=...)), giving module-path "
-        "templates with '{}' for the layer index; mlp_out is the MLP output projection."
+        f"Blocks: {blocks}. Modules of the first block: {', '.join(inside) or '(none found)'}.\n"
+        f"Other modules: {', '.join(outside) or '(none)'}.\n"
+        f"Add one with memit_pl.spec.register_spec(ModelSpec(family={str(model_type)!r}, block=..., mlp=..., "
+        "mlp_out=..., attn=..., final_norm=..., lm_head=..., embed=..., transposed=False)), giving "
+        "module-path templates with '{}' for the layer index (e.g. block='model.layers.{}'); mlp_out is "
+        "the MLP output projection whose input is the key; transposed=True when its weight is stored "
+        "[d_key, d_model] (GPT-2 Conv1D)."
     )
 
 

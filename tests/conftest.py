@@ -4,6 +4,9 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models: one intra-op thread. On a busy machine a tiny forward pass with 2 threads takes
+# ~1 s instead of ~10 ms (thread oversubscription); MEMIT_PL_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("MEMIT_PL_TEST_THREADS", "1")))
 
 from memit_pl.testing import bpe_tokenizer, tiny_model  # noqa: E402
 
