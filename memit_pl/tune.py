@@ -1,0 +1,134 @@
+"""Choose λ and the edited layers by measurement (the paper's Appendix F trade-off, as a tool).
+
+The edits are split (seeded) into a tuning part and a held-back part. Every (layer window, λ) point
+edits the tuning part in one batch and is scored by its Editing Score S, subject to bounds on the
+loss of Neighborhood Success and of Generation Entropy against the unedited model; the chosen point
+is then measured on the held-back part, which took no part in the choice.
+
+Cost: statistics are computed once per layer, z once per target layer L = max(R) (a λ-only sweep
+optimises no z at all after the first point), so a λ point costs one keys pass per edited layer, the
+solves and one evaluation; a new layer window with a new L adds one z optimisation.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from memit_pl import io
+from memit_pl.config import MemitConfig
+from memit_pl.edits import EditRequest
+from memit_pl.sweep import COLUMNS, Editor, markdown, plot_rows, row, with_layers
+
+log = logging.getLogger(__name__)
+
+
+def split(requests: Sequence[EditRequest], tune_fraction: float, seed: int) -> tuple[list[EditRequest], list[EditRequest]]:
+    """A seeded split into (tuning part, held-back part), each in file order."""
+    if not 0 < tune_fraction < 1:
+        raise ValueError(f"tune_fraction must be in (0, 1), got {tune_fraction}")
+    idx = list(range(len(requests)))
+    random.Random(seed).shuffle(idx)
+    k = max(1, min(len(requests) - 1, round(tune_fraction * len(requests))))
+    chosen = set(idx[:k])
+    return [r for i, r in enumerate(requests) if i in chosen], [r for i, r in enumerate(requests) if i not in chosen]
+
+
+def default_windows(n_layers: int, size: int = 5, starts: Sequence[int] = (1, 3, 5)) -> list[list[int]]:
+    """Windows of ``size`` consecutive layers starting at ``starts`` (inside the model)."""
+    out = []
+    for s in starts:
+        window = [layer for layer in range(s, s + size) if layer < n_layers]
+        if window and window not in out:
+            out.append(window)
+    return out
+
+
+def select(rows: Sequence[dict], base: dict, max_ns_drop: float = 5.0, max_ge_drop: float = 5.0) -> tuple[dict, bool]:
+    """The row with the best Editing Score among those within the NS and GE bounds of ``base``;
+    when none is, the row that violates the bounds least. Returns (row, within bounds)."""
+
+    def violation(r: dict) -> float:
+        ns = max(0.0, (base["NS"] - max_ns_drop) - r["NS"]) if r.get("NS") is not None and base.get("NS") is not None else 0.0
+        ge = max(0.0, (base["GE"] - max_ge_drop) - r["GE"]) if r.get("GE") is not None and base.get("GE") is not None else 0.0
+        return ns + ge
+
+    feasible = [r for r in rows if violation(r) == 0.0 and r.get("S") is not None]
+    if feasible:
+        return max(feasible, key=lambda r: r["S"]), True
+    return min(rows, key=violation), False
+
+
+def tune(
+    editor: Editor,
+    requests: Sequence[EditRequest],
+    memit: MemitConfig,
+    lambdas: Sequence[float],
+    windows: Sequence[Sequence[int]],
+    *,
+    tune_fraction: float = 0.5,
+    seed: int = 0,
+    max_ns_drop: float = 5.0,
+    max_ge_drop: float = 5.0,
+) -> dict[str, Any]:
+    """Search the grid on the tuning part; measure the chosen point on the held-back part."""
+    tune_part, held = split(requests, tune_fraction, seed)
+    base = row(0, editor.evaluate(tune_part))
+    rows = []
+    for window in windows:
+        cfg = with_layers(memit, window)
+        store = editor.zs(tune_part, cfg)
+        for lam in lambdas:
+            point = with_layers(memit, window, lam)
+            tag = f"L{'-'.join(map(str, window))}_lam{lam:g}"
+            rows.append(row(len(tune_part), editor.edited_evaluation(tune_part, store, point, tag),
+                            lam=lam, layers=f"{window[0]}-{window[-1]}", window=list(window)))
+            log.info("tune %s: %s", tag, rows[-1])
+    chosen, within = select(rows, base, max_ns_drop, max_ge_drop)
+    best = with_layers(memit, chosen["window"], chosen["lam"])
+    held_base = row(0, editor.evaluate(held))
+    store = editor.zs(list(tune_part) + list(held), best)
+    held_row = row(len(held), editor.edited_evaluation(held, store, best, "held", eval_requests=held))
+    return {
+        "n_tune": len(tune_part),
+        "n_held": len(held),
+        "seed": seed,
+        "bounds": {"max_ns_drop": max_ns_drop, "max_ge_drop": max_ge_drop},
+        "unedited_tune": base,
+        "rows": rows,
+        "chosen": {"layers": best.layers, "mom2_update_weight": best.mom2_update_weight, "within_bounds": within},
+        "unedited_held": held_base,
+        "held": held_row,
+        "memit": asdict(best),
+    }
+
+
+def write_tune(out_dir: str | Path, result: dict[str, Any], model_cfg: dict, stats_cfg: dict, title: str) -> Path:
+    """tune.json, tune.md, tune.png and the tuned config ``tuned.yaml``; returns the YAML's path."""
+    from memit_pl.config import to_yaml
+
+    out_dir = Path(out_dir)
+    io.write_json(out_dir / "tune.json", result)
+    keys = ("layers", "lam", *COLUMNS)
+    text = [
+        f"tuning part: {result['n_tune']} edits, held-back part: {result['n_held']} edits (seed {result['seed']})",
+        "",
+        markdown([{**result["unedited_tune"], "layers": "unedited", "lam": None}, *result["rows"]], keys),
+        "",
+        f"chosen: layers {result['chosen']['layers']}, λ {result['chosen']['mom2_update_weight']:g}"
+        f" ({'within' if result['chosen']['within_bounds'] else 'OUTSIDE'} the bounds)",
+        "",
+        "held-back part:",
+        "",
+        markdown([{**result["unedited_held"], "which": "unedited"}, {**result["held"], "which": "edited"}], ("which", *COLUMNS)),
+    ]
+    io.write_text(out_dir / "tune.md", "\n".join(text) + "\n")
+    plot_rows(result["rows"], "lam", out_dir / "tune.png", f"{title}: {result['n_tune']} edits in one batch vs λ", group="layers")
+    path = out_dir / "tuned.yaml"
+    io.write_text(path, f"# chosen by `memit-pl tune` (see {out_dir / 'tune.md'})\n"
+                  + to_yaml({"model": model_cfg, "memit": result["memit"], "stats": stats_cfg}))
+    return path

@@ -1,0 +1,101 @@
+import pytest
+import torch
+
+import memit_pl.zmodule as zm
+from memit_pl.config import EvalConfig, MemitConfig, StatsConfig, TrainerConfig
+from memit_pl.edits import EditRequest
+from memit_pl.spec import get_spec
+from memit_pl.sweep import Editor, log_grid, scaling_sweep
+from memit_pl.testing import CORPUS
+from memit_pl.tune import default_windows, select, split, tune
+
+FACTS = [("Michael Jordan", "{} plays the sport of", "soccer", "basketball"),
+         ("France", "The capital of {} is", "Rome", "Paris"),
+         ("Toyota", "{} is a car company from", "Sweden", "Japan"),
+         ("Albert Einstein", "{} was a famous", "painter", "physicist"),
+         ("Mozart", "{} was a famous", "footballer", "composer"),
+         ("Canada", "The official language of {} is", "French", "English")]
+REQUESTS = [EditRequest(str(i), s, p, n, t, paraphrases=[f"Yes. {p.replace('{}', s)}"],
+                        neighborhood=["Lionel Messi plays for"]) for i, (s, p, n, t) in enumerate(FACTS)]
+
+
+@pytest.fixture
+def editor(make_model, tok, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS * 8))
+    model = make_model("llama")
+    return Editor(model, tok, StatsConfig(corpus=str(corpus), n_samples=16, seq_len=16), tmp_path / "work",
+                  trainer=TrainerConfig(accelerator="cpu", enable_progress_bar=False), cache_dir=tmp_path / "cache",
+                  eval_cfg=EvalConfig(batch_size=16, generation_length=5, max_generation_prompts=1))
+
+
+MEMIT = MemitConfig(layers=[1, 2], v_num_grad_steps=3, v_lr=0.05, z_batch_size=2, context_templates=[[3, 1]])
+
+
+def test_select_picks_the_best_feasible_point():
+    base = {"S": 10, "NS": 80, "GE": 600}
+    rows = [{"lam": lam, "S": s, "NS": ns, "GE": ge} for lam, s, ns, ge in
+            [(1, 90, 60, 600), (10, 85, 74, 598), (100, 80, 77, 590), (1000, 40, 80, 600)]]
+    # NS >= 75 and GE >= 595: λ=100 loses too much GE, so λ=1000 is the only point within both bounds
+    assert select(rows, base) == (rows[3], True)
+    rows[2]["GE"] = 596
+    assert select(rows, base) == (rows[2], True)
+    assert select(rows, base, max_ns_drop=10)[0]["lam"] == 10
+    worst = [{"lam": 1, "S": 90, "NS": 10, "GE": 600}, {"lam": 2, "S": 50, "NS": 70, "GE": 600}]
+    assert select(worst, base) == (worst[1], False)
+
+
+def test_split_and_windows():
+    a, b = split(REQUESTS, 0.5, seed=0)
+    assert len(a) == 3 and len(b) == 3 and not {r.case_id for r in a} & {r.case_id for r in b}
+    assert split(REQUESTS, 0.5, seed=0) == (a, b) and split(REQUESTS, 0.5, seed=1) != (a, b)
+    assert default_windows(30) == [[1, 2, 3, 4, 5], [3, 4, 5, 6, 7], [5, 6, 7, 8, 9]]
+    assert default_windows(4, size=3) == [[1, 2, 3], [3]]
+    assert log_grid(584) == [1, 10, 100, 584] and log_grid(100) == [1, 10, 100] and log_grid(1) == [1]
+
+
+def test_lambda_sweep_optimises_no_z_again_and_finds_the_known_best(editor, monkeypatch):
+    calls = []
+    real = zm.optimize_z
+    monkeypatch.setattr(zm, "optimize_z", lambda *a, **k: calls.append(a[2].case_ids) or real(*a, **k))
+    lambdas = [0.1, 10.0, 1000.0]
+
+    # a known trade-off: efficacy falls and specificity rises with λ; the evaluation is real, then shifted
+    real_eval = editor.evaluate
+
+    def shaped(requests):
+        res = real_eval(requests)
+        lam = editor._last_lam
+        m = dict(res["metrics"])
+        m.update({"ES": 100 - lam / 20, "PS": 90 - lam / 20, "NS": 50 + min(lam, 100) / 4, "GE": 500.0})
+        m["S"] = 3 / sum(1 / m[k] for k in ("ES", "PS", "NS"))
+        return {**res, "metrics": m}
+
+    real_edit = editor.edited_evaluation
+
+    def remember(requests, store, memit, tag, eval_requests=None):
+        editor._last_lam = memit.mom2_update_weight
+        return real_edit(requests, store, memit, tag, eval_requests)
+
+    editor._last_lam = 0.0
+    monkeypatch.setattr(editor, "evaluate", shaped)
+    monkeypatch.setattr(editor, "edited_evaluation", remember)
+    result = tune(editor, REQUESTS, MEMIT, lambdas, [[1, 2]], max_ns_drop=30.0)
+    # scores: λ=0.1 -> NS 50.0 (drop 0 vs the unedited 50.0 at λ 0): all feasible; S is best at λ=10
+    assert [r["lam"] for r in result["rows"]] == lambdas
+    expected = max(result["rows"], key=lambda r: r["S"])
+    assert result["chosen"]["mom2_update_weight"] == expected["lam"] == 10.0
+    tuned = sorted(c for batch in calls for c in batch)
+    assert tuned == sorted(r.case_id for r in REQUESTS)  # every edit's z optimised exactly once
+
+
+def test_scaling_sweep_restores_weights_and_reuses_z(editor):
+    spec = get_spec(editor.model)
+    before = {layer: spec.out_weight(editor.model, layer).clone() for layer in MEMIT.layers}
+    rows = scaling_sweep(editor, REQUESTS, MEMIT, [1, 3, 6])
+    assert [r["n"] for r in rows] == [0, 1, 3, 6]
+    assert editor.z_runs == 1
+    assert all(r["ES"] is not None and r["NS"] is not None for r in rows)
+    for layer in MEMIT.layers:
+        assert torch.equal(spec.out_weight(editor.model, layer), before[layer])
