@@ -31,7 +31,7 @@ from torchmetrics import Metric
 from memit_pl import hooks, io
 from memit_pl.config import StatsConfig, TrainerConfig
 from memit_pl.corpus import CorpusDataModule, corpus_id, resolve_corpus
-from memit_pl.models import default_cache_dir, fingerprint
+from memit_pl.models import default_cache_dir, fingerprint, spread_over_devices
 from memit_pl.spec import get_spec
 
 log = logging.getLogger(__name__)
@@ -98,8 +98,8 @@ class SecondMoment(Metric):
 
     def update(self, keys: Tensor, mask: Tensor | None = None) -> None:
         total, count = _second_moment_update(keys, mask, self.total.dtype)
-        self.total += total
-        self.count += count
+        self.total += total.to(self.total.device)  # keys may come from another device (a device_map)
+        self.count += count.to(self.count.device)
 
     def compute(self) -> Tensor:
         return _second_moment_compute(self.total, self.count)
@@ -114,7 +114,12 @@ class CovarianceModule(LightningModule):
 
     def __init__(self, model: nn.Module, layers: Sequence[int], dtype: str = "float32"):
         super().__init__()
-        self.model = model
+        if spread_over_devices(model):
+            # placed over several devices by accelerate: not a submodule, so Lightning never moves it
+            # (its own hooks move the inputs); only the metrics live on the Trainer's device
+            object.__setattr__(self, "model", model)
+        else:
+            self.model = model
         spec = get_spec(model)
         self.layers = sorted(set(int(x) for x in layers))
         self.names = {spec.name("mlp_out", layer): layer for layer in self.layers}
@@ -472,10 +477,6 @@ def _run_stage(model, tokenizer, layers, stats, cache, trainer_cfg, callbacks, c
         stats.seq_len,
         cache.dir,
     )
-    if len(set(getattr(model, "hf_device_map", {}).values())) > 1:
-        raise NotImplementedError(
-            "statistics of a model spread over devices (device_map) are not supported yet"
-        )
     module = CovarianceModule(model, layers, stats.dtype)
     data = CorpusDataModule(
         tokenizer,
@@ -488,14 +489,15 @@ def _run_stage(model, tokenizer, layers, stats, cache, trainer_cfg, callbacks, c
     )
     progress = StatsProgress(cache, layers, every_n_chunks=checkpoint_every)
     trainer = build_trainer(trainer_cfg, [progress, *callbacks], root_dir=cache.dir)
-    device = next(model.parameters()).device
+    device = None if spread_over_devices(model) else next(model.parameters()).device
     try:
         with warnings.catch_warnings():
             for message in _QUIET:
                 warnings.filterwarnings("ignore", message=message)
             trainer.predict(module, datamodule=data, return_predictions=False)
     finally:
-        model.to(device)  # Lightning may have moved it (and moves it to the CPU on teardown)
+        if device is not None:
+            model.to(device)  # Lightning may have moved it (and moves it to the CPU on teardown)
 
 
 def layer_covariances(

@@ -92,3 +92,33 @@ def test_bad_edit_file_fails_before_model_work(setup, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "record 0" in err and "'prompt'" in err
     assert not (tmp_path / "o" / "z").exists()
+
+
+def test_model_spread_over_devices_takes_the_in_process_paths(make_model, tok, tmp_path, monkeypatch):
+    """A model placed by accelerate over several devices runs statistics, z and the update without
+    Lightning moving it; simulated on the CPU with a two-entry device map, the edit equals the normal one."""
+    import memit_pl.zmodule as zm
+    from memit_pl.config import MemitConfig, StatsConfig, TrainerConfig
+    from memit_pl.edits import load_edits
+    from memit_pl.pipeline import run_edit
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS * 8))
+    edits = tmp_path / "edits.jsonl"
+    edits.write_text("\n".join(json.dumps(e) for e in EDITS))
+    requests = load_edits(edits, tokenizer=tok)
+    memit = MemitConfig(layers=[1, 2], v_num_grad_steps=3, v_lr=0.05, context_templates=[[3, 1]], mom2_update_weight=1.0)
+    stats = StatsConfig(corpus=str(corpus), n_samples=16, seq_len=16)
+    tcfg = TrainerConfig(accelerator="cpu", enable_progress_bar=False)
+    deltas = {}
+    for name in ("normal", "spread"):
+        model = make_model("llama")
+        if name == "spread":
+            model.hf_device_map = {"model.embed_tokens": "cpu", "model.layers": "cpu:other"}
+            monkeypatch.setattr(zm, "run_predict", lambda *a, **k: (_ for _ in ()).throw(AssertionError("Trainer used")))
+        run_edit(model, tok, requests, memit, stats, tmp_path / name, trainer=tcfg, cache_dir=tmp_path / f"cache-{name}",
+                 save_model=False)
+        deltas[name] = load_delta(tmp_path / name)
+    for layer in (1, 2):
+        torch.testing.assert_close(deltas["spread"].dense(layer), deltas["normal"].dense(layer), atol=1e-5, rtol=1e-4)
