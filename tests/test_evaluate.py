@@ -1,0 +1,348 @@
+"""Batched evaluation on tiny models: equals per-record and unpadded scoring, is padding-side free,
+and its Generation Entropy / zsRE accuracy match hand computations; reports and the CLI."""
+
+import json
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from memit_pl.config import EvalConfig
+from memit_pl.delta import EditDelta, apply_delta, save_delta
+from memit_pl.edits import EditRequest, target_ids
+from memit_pl.eval_report import aggregate, relation_breakdown, write_reports
+from memit_pl.evaluate import METRICS, evaluate_requests, generate_greedy
+from memit_pl.metrics.functional import tfidf_cosine
+from memit_pl.spec import get_spec
+
+CFG = EvalConfig(batch_size=64, generation_length=6, max_generation_prompts=2)
+
+
+def cf_requests():
+    """CounterFact-style cases: multi-token targets, a case without target_true, one without paraphrases."""
+    return [
+        EditRequest("0", "Michael Jordan", "{} plays the sport of", "baseball", "basketball", "P641",
+                    paraphrases=["Therefore, Michael Jordan is a player of", "Michael Jordan plays"],
+                    neighborhood=["Lionel Messi plays the sport of", "Toyota is a car company from"],
+                    generation_prompts=["Michael Jordan is", "The sport of Michael Jordan", "unused third"]),
+        EditRequest("1", "The Eiffel Tower", "{} is located in the city of", "Rome", "Paris", "P276",
+                    paraphrases=["It was a sunny day. The Eiffel Tower is in"],
+                    neighborhood=["The capital of France is"], generation_prompts=["The Eiffel Tower"]),
+        EditRequest("2", "Mozart", "{} was a famous", "painter", None, "P106",
+                    paraphrases=["Mozart worked as a"], neighborhood=["Albert Einstein was a famous"]),
+        EditRequest("3", "Danielle Darrieux", "{}'s mother tongue is", "English", "French", "P103",
+                    neighborhood=["The official language of Canada is", "Toyota is a car company from",
+                                  "Danielle Darrieux speaks"], generation_prompts=["Danielle Darrieux"]),
+    ]
+
+
+def zsre_request():
+    return EditRequest("z0", "Watts Humphrey", "What university did {} attend?", "University of Michigan",
+                       "Carnegie Mellon", paraphrases=["Which college did Watts Humphrey go to?"],
+                       neighborhood=["nq question: who played the sport of basketball?"],
+                       neighborhood_answers=["Michael Jordan"])
+
+
+def prompts_of(case):
+    return [(k, e) for k in ("rewrite", "paraphrase", "neighborhood") for e in case["prompts"][k]]
+
+
+def assert_same(a, b, atol=1e-5):
+    for m in METRICS:
+        va, vb = a["metrics"][m], b["metrics"][m]
+        assert (va is None) == (vb is None), m
+        if va is not None:
+            assert va == pytest.approx(vb, abs=atol * 100), m
+    for ca, cb in zip(a["cases"], b["cases"]):
+        assert ca["generations"] == cb["generations"]
+        for (_, ea), (_, eb) in zip(prompts_of(ca), prompts_of(cb)):
+            for key in ea:
+                if key != "prompt":
+                    assert ea[key] == pytest.approx(eb[key], abs=atol), key
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_batched_equals_per_record_and_padding_side_does_not_matter(make_model, tok, family):
+    model = make_model(family)
+    reqs = cf_requests() + [zsre_request()]
+    batched = evaluate_requests(model, tok, reqs, CFG)
+    assert batched["n_cases"] == 5
+    per_record = evaluate_requests(model, tok, reqs, CFG, per_record=True)
+    right = evaluate_requests(model, tok, reqs, CFG, padding_side="right")
+    assert_same(batched, per_record)
+    assert_same(batched, right)
+
+
+def unpadded_nll_and_acc(model, tok, prompt, target):
+    """Direct teacher forcing of one sequence, no padding: mean NLL per token and token accuracy."""
+    p = tok(prompt)["input_ids"]
+    t = target_ids(tok, target)
+    logits = model(torch.tensor([p + t])).logits[0]
+    lp = torch.log_softmax(logits[len(p) - 1 : len(p) - 1 + len(t)].double(), -1)
+    nll = -sum(lp[j, tid].item() for j, tid in enumerate(t)) / len(t)
+    acc = sum(int(lp[j].argmax().item() == tid) for j, tid in enumerate(t)) / len(t)
+    return nll, acc
+
+
+def test_scores_equal_unpadded_teacher_forcing(make_model, tok):
+    model = make_model("llama")
+    reqs = cf_requests()
+    res = evaluate_requests(model, tok, reqs, EvalConfig(max_generation_prompts=0))
+    assert len(target_ids(tok, "baseball")) > 1  # multi-token targets are exercised
+    for r, case in zip(reqs, res["cases"]):
+        for _, e in prompts_of(case):
+            nll, acc = unpadded_nll_and_acc(model, tok, e["prompt"], r.target_new)
+            assert e["nll_new"] == pytest.approx(nll, abs=1e-5)
+            if r.target_true:
+                nll_t, acc_t = unpadded_nll_and_acc(model, tok, e["prompt"], r.target_true)
+                assert e["nll_true"] == pytest.approx(nll_t, abs=1e-5)
+        # per-case success rates, recomputed by hand from the unpadded scores
+        if r.target_true:
+            rw = [unpadded_nll_and_acc(model, tok, p, t)[0] for p in [r.text] for t in (r.target_new, r.target_true)]
+            assert case["ES"] == float(rw[0] < rw[1])
+            ns = [unpadded_nll_and_acc(model, tok, p, r.target_true)[0] < unpadded_nll_and_acc(model, tok, p, r.target_new)[0]
+                  for p in r.neighborhood]
+            assert case["NS"] == pytest.approx(sum(ns) / len(ns))
+            nm = [math.exp(-unpadded_nll_and_acc(model, tok, p, r.target_true)[0])
+                  - math.exp(-unpadded_nll_and_acc(model, tok, p, r.target_new)[0]) for p in r.neighborhood]
+            assert case["NM"] == pytest.approx(sum(nm) / len(nm), abs=1e-6)
+
+
+def test_zsre_accuracy_by_hand(make_model, tok):
+    model = make_model("llama")
+    r = zsre_request()
+    case = evaluate_requests(model, tok, [r], EvalConfig(max_generation_prompts=0))["cases"][0]
+    for key, prompts, target in (("acc_rewrite", [r.text], r.target_new),
+                                 ("acc_paraphrase", r.paraphrases, r.target_new),
+                                 ("acc_neighborhood", r.neighborhood, r.neighborhood_answers[0])):
+        hits = total = 0
+        for p in prompts:
+            ids, t = tok(p)["input_ids"], target_ids(tok, target)
+            logits = model(torch.tensor([ids + t])).logits[0]
+            for j, tid in enumerate(t):
+                hits += int(logits[len(ids) - 1 + j].argmax().item() == tid)
+                total += 1
+        assert case[key] == pytest.approx(hits / total)
+    # the neighbourhood has its own answer: no probability comparison against target_true there
+    assert case["NS"] is None and "zsRE" in case["skipped"]["NS"]
+
+
+def test_generation_entropy_against_a_hand_count(make_model, tok):
+    model = make_model("llama")
+    reqs = cf_requests()
+    res = evaluate_requests(model, tok, reqs, CFG)
+    case = res["cases"][0]
+    assert len(case["generations"]) == 2  # max_generation_prompts
+    for prompt, text in zip(reqs[0].generation_prompts, case["generations"]):
+        ids = tok(prompt)["input_ids"]
+        for _ in range(CFG.generation_length):  # greedy without cache or padding
+            ids = ids + [int(model(torch.tensor([ids])).logits[0, -1].argmax())]
+        assert text == tok.decode(ids, skip_special_tokens=True).replace("\n\n", " ")
+    from memit_pl.metrics.functional import word_tokenize
+
+    hand = []
+    for text in case["generations"]:
+        words = word_tokenize(text)
+        hs = []
+        for n in (2, 3):
+            grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+            tot = sum(grams.values())
+            hs.append(-sum(c / tot * math.log2(c / tot) for c in grams.values()) if tot else 0.0)
+        hand.append((2 / 3 * hs[0] + 4 / 3 * hs[1]) / 2)
+    assert case["GE"] == pytest.approx(sum(hand) / len(hand))
+    with_ge = [c["GE"] for c in res["cases"] if c["GE"] is not None]
+    assert len(with_ge) == 3 and res["cases"][2]["skipped"]["GE"] == "no generation prompts"
+    assert res["metrics"]["GE"] == pytest.approx(100 * sum(with_ge) / 3)
+
+
+def test_generation_entropy_hand_count_on_fixed_text(make_model, tok, monkeypatch):
+    """GE of a case whose generations are fixed texts with a known n-gram count."""
+    import memit_pl.evaluate as ev
+
+    fixed = ["x y x y x", "x y z"]  # H2: 1 and 1 bit; H3: h(2/3, 1/3) and 0
+    monkeypatch.setattr(ev, "generate_greedy", lambda model, tok, prompts, n: fixed[: len(prompts)])
+    r = cf_requests()[0]
+    res = evaluate_requests(make_model("llama"), tok, [r], CFG)
+    h3 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
+    expected = ((2 / 3 * 1 + 4 / 3 * h3) / 2 + (2 / 3 * 1 + 0) / 2) / 2
+    assert res["cases"][0]["GE"] == pytest.approx(expected)
+    assert res["metrics"]["GE"] == pytest.approx(100 * expected)
+
+
+def test_generate_greedy_batched_equals_single(make_model, tok):
+    model = make_model("gpt2")
+    prompts = ["The capital of France is", "Mozart", "Therefore, because I think you are right, the"]
+    batched = generate_greedy(model, tok, prompts, 5)
+    assert batched == [generate_greedy(model, tok, [p], 5)[0] for p in prompts]
+
+
+def test_skips_are_explicit_and_reports_agree_with_the_metrics(make_model, tok):
+    res = evaluate_requests(make_model("llama"), tok, cf_requests(), CFG)
+    no_true = res["cases"][2]
+    for m in ("ES", "PS", "NS", "EM", "PM", "NM"):
+        assert no_true[m] is None and no_true["skipped"][m] == "no target_true"
+    assert no_true["acc_rewrite"] is not None  # accuracy does not need target_true
+    assert res["skipped"]["ES"] == {"no target_true": 1}
+    assert res["skipped"]["PS"] == {"no target_true": 1, "no paraphrase prompts": 1}
+    assert res["skipped"]["RS"] == {"no reference data": 4}
+    assert res["counts"]["ES"] == 3 and res["counts"]["PS"] == 2 and res["counts"]["acc_rewrite"] == 4
+    agg = aggregate(res["cases"])
+    for m in METRICS:
+        if res["metrics"][m] is None:
+            assert agg[m] is None
+        else:
+            assert agg[m] == pytest.approx(res["metrics"][m], abs=1e-9)
+    rel = relation_breakdown(res["cases"])
+    assert set(rel) == {"P641", "P276", "P106", "P103"} and rel["P106"]["ES"] is None
+
+
+def test_reference_score_end_to_end(make_model, tok, tmp_path):
+    from memit_pl.metrics import ReferenceData
+
+    vocab = {"sport": 0, "basketball": 1, "baseball": 2, "paris": 3, "rome": 4}
+    ref = ReferenceData({"P641": {"Q5369": [{"name": "x", "text": "Baseball is a sport. Baseball!"}]}},
+                        vocab, torch.tensor([1.0, 2.0, 2.0, 1.5, 1.5]))
+    reqs = cf_requests()[:2]
+    reqs[0].target_new_id = "Q5369"
+    res = evaluate_requests(make_model("llama"), tok, reqs, CFG, reference=ref)
+    c0 = res["cases"][0]
+    assert c0["RS"] == pytest.approx(
+        tfidf_cosine(" ".join(c0["generations"]), "Baseball is a sport. Baseball!", vocab, ref.idf)
+    )
+    assert res["cases"][1]["RS"] is None and res["cases"][1]["skipped"]["RS"] == "no relation_id or target_new id"
+    assert res["counts"]["RS"] == 1
+
+
+def test_bad_neighbourhood_answers_fail_naming_the_record(make_model, tok):
+    r = zsre_request()
+    r.neighborhood_answers = ["a", "b"]
+    with pytest.raises(ValueError, match=r"record 0 \(case_id z0\): field 'neighborhood_answers'"):
+        evaluate_requests(make_model("llama"), tok, [r], CFG)
+
+
+def counterfact_file(path, requests):
+    recs = [{
+        "case_id": int(r.case_id),
+        "requested_rewrite": {"prompt": r.prompt, "subject": r.subject, "relation_id": r.relation_id,
+                              "target_new": {"str": r.target_new, "id": None},
+                              "target_true": {"str": r.target_true, "id": None}},
+        "paraphrase_prompts": r.paraphrases, "neighborhood_prompts": r.neighborhood,
+        "generation_prompts": r.generation_prompts,
+    } for r in requests if r.target_true]
+    path.write_text(json.dumps(recs))
+    return path
+
+
+def test_cli_before_and_after_a_hand_made_delta(make_model, tok, tmp_path, capsys):
+    from memit_pl.commands.evaluate import main
+
+    model = make_model("gpt2")
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    spec = get_spec(model)
+    g = torch.Generator().manual_seed(1)
+    d_model, d_key = spec.d_model(model), spec.d_key(model)
+    delta = EditDelta({layer: (torch.randn(d_model, 2, generator=g), torch.randn(d_key, 2, generator=g)) for layer in (1, 2)},
+                      {"family": spec.family})
+    run = tmp_path / "run"
+    save_delta(run, delta)
+    edits = counterfact_file(tmp_path / "cf.json", cf_requests())
+    argv = ["--edits", str(edits), "--delta", str(run), "--model.name", str(model_dir), "--model.device", "cpu",
+            "--eval.generation_length", "4", "--trainer.enable_progress_bar", "false"]
+    assert main(argv) == 0
+    out = run / "eval"
+    data = json.loads((out / "metrics.json").read_text())
+    assert set(data["metrics"]) == {"unedited", "edited"} and data["n_cases"] == 3
+    assert data["metrics"]["unedited"] != data["metrics"]["edited"]
+    report = (out / "report.md").read_text()
+    assert "| Editor | Score S | ES | EM | PS | PM | NS | NM | GE | RS |" in report and "P641" in report
+    for png in ("metrics.png", "relations.png", "margins.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len((out / "cases.jsonl").read_text().splitlines()) == 3
+    assert (out / "config.yaml").exists()
+    assert "Score S" in capsys.readouterr().out
+    # the CLI's numbers are those of evaluate_requests on the same model with the delta applied
+    reqs = [r for r in cf_requests() if r.target_true]
+    cfg = EvalConfig(generation_length=4)
+    before = evaluate_requests(model, tok, reqs, cfg)
+    apply_delta(model, run)
+    after = evaluate_requests(model, tok, reqs, cfg)
+    for m in METRICS:
+        for label, res in (("unedited", before), ("edited", after)):
+            if res["metrics"][m] is not None:
+                assert data["metrics"][label][m] == pytest.approx(res["metrics"][m], abs=1e-3), (label, m)
+
+
+def test_cli_rejects_a_delta_that_does_not_fit_before_evaluating(make_model, tok, tmp_path):
+    from memit_pl.commands.evaluate import main
+
+    model = make_model("llama")
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    save_delta(tmp_path / "run", EditDelta({1: (torch.zeros(7, 1), torch.zeros(5, 1))}, {"family": "llama"}))
+    edits = counterfact_file(tmp_path / "cf.json", cf_requests())
+    with pytest.raises(ValueError, match="layer 1: delta shape"):
+        main(["--edits", str(edits), "--delta", str(tmp_path / "run"), "--model.name", str(tmp_path / "model"),
+              "--model.device", "cpu"])
+    assert not (tmp_path / "run" / "eval").exists()
+
+
+def test_write_reports_for_one_run(make_model, tok, tmp_path):
+    res = evaluate_requests(make_model("llama"), tok, cf_requests(), EvalConfig(max_generation_prompts=0))
+    paths = write_reports(tmp_path, {"unedited": res}, {"model": "tiny", "edits_file": "x.json"})
+    assert {p.name for p in paths} == {"metrics.json", "cases.jsonl", "report.md", "metrics.png", "relations.png",
+                                        "margins.png"}
+    data = json.loads((tmp_path / "metrics.json").read_text())
+    assert data["skipped"]["unedited"]["GE"] == {"generation disabled": 4}
+    assert data["relations"]["unedited"]["P641"]["n"] == 1
+
+
+def test_prompt_rows_share_the_prompt_between_single_token_targets():
+    from memit_pl.evaluate import prompt_rows
+
+    rows = prompt_rows([5, 6, 7], [("new", [10]), ("true", [11])], kind=0, index=0)
+    assert len(rows) == 1 and rows[0].ids == [5, 6, 7]
+    assert [(t.label, t.start) for t in rows[0].targets] == [("new", 2), ("true", 2)]
+    rows = prompt_rows([5, 6, 7], [("new", [10, 12, 13]), ("true", [11])], kind=2, index=3)
+    assert len(rows) == 1 and rows[0].ids == [5, 6, 7, 10, 12]  # target_true rides on target_new's row
+    rows = prompt_rows([5, 6], [("new", [10, 12]), ("true", [11, 14])], kind=1, index=0)
+    assert [r.ids for r in rows] == [[5, 6, 10], [5, 6, 11]]
+    assert all(t.start == 1 and t.kind == 1 for r in rows for t in r.targets)
+
+
+@pytest.mark.slow
+def test_smollm2_scores_match_the_reference_algorithm(smollm2):
+    """On the real tokenizer: our per-prompt NLLs equal the reference's ``test_batch_prediction``
+    (``f"{prompt} {target}"`` tokenised jointly, right padding, full logits), batched = per-record."""
+    from pathlib import Path
+
+    from memit_pl.edits import load_edits
+
+    model, tok = smollm2
+    path = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "counterfact_known_dev.json"
+    if not path.exists():
+        pytest.skip(f"{path} not available")
+    reqs = load_edits(path, tokenizer=tok, limit=3)
+    cfg = EvalConfig(max_generation_prompts=0)
+    res = evaluate_requests(model, tok, reqs, cfg)
+    assert_same(res, evaluate_requests(model, tok, reqs, cfg, per_record=True), atol=1e-4)
+    for r, case in zip(reqs, res["cases"]):
+        prefixes = [r.text, *r.paraphrases, *r.neighborhood]
+        prefix_lens = [len(n) for n in tok(prefixes)["input_ids"]]
+        side, tok.padding_side = tok.padding_side, "right"  # the reference pads on the right
+        try:
+            enc = tok([f"{p} {s}" for p in prefixes for s in (r.target_new, r.target_true)], padding=True,
+                      return_tensors="pt")
+        finally:
+            tok.padding_side = side
+        targets = [tok(f" {n}")["input_ids"] for n in (r.target_new, r.target_true)]
+        with torch.no_grad():
+            logits = model(**enc).logits
+        ours = [(e["nll_new"], e["nll_true"]) for _, e in prompts_of(case)]
+        for i in range(logits.shape[0]):
+            t = targets[i % 2]
+            lp = torch.log_softmax(logits[i, prefix_lens[i // 2] - 1 : prefix_lens[i // 2] - 1 + len(t)], -1)
+            ref = -sum(lp[j, tid].item() for j, tid in enumerate(t)) / len(t)
+            assert ours[i // 2][i % 2] == pytest.approx(ref, abs=1e-4)
