@@ -133,3 +133,39 @@ def test_store_layer_mismatch_is_an_error(edited, make_model, tok, tmp_path):
     cfg = memit_cfg(layers=[1, 3])
     with pytest.raises(ValueError, match="layer"):
         apply_memit(model, tok, REQUESTS[:1], store, covariances(model, cfg.layers), cfg, tmp_path / "x", trainer=TCFG)
+
+
+@pytest.mark.slow
+def test_smollm2_ten_edits_take(smollm2, tmp_path, monkeypatch):
+    """SmolLM2-135M, 10 demo facts in one batch with the shipped config: efficacy ≥ 90%, and the
+    edit is reverted exactly by its delta."""
+    from pathlib import Path
+
+    import yaml
+
+    from memit_pl.config import EvalConfig, StatsConfig
+    from memit_pl.edits import load_edits
+    from memit_pl.evaluate import evaluate_requests
+    from memit_pl.pipeline import run_edit
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    root = Path(__file__).resolve().parents[1]
+    model, tok = smollm2
+    requests = load_edits(root / "data" / "demo_edits.jsonl", tokenizer=tok, limit=10)
+    memit = MemitConfig(**yaml.safe_load((root / "configs" / "smollm2-135m.yaml").read_text())["memit"])
+    spec = get_spec(model)
+    original = {layer: spec.out_weight(model, layer).clone() for layer in memit.layers}
+    try:
+        summary = run_edit(model, tok, requests, memit, StatsConfig(corpus="wikipedia-sample", n_samples=100),
+                           tmp_path, trainer=TCFG, save_model=False)
+        res = evaluate_requests(model, tok, requests, EvalConfig(max_generation_prompts=0))
+        assert res["metrics"]["ES"] >= 90.0
+        assert summary["top1_new_after"] >= 0.8
+        assert summary["resid_norm_after"] < summary["resid_norm_before"]
+        apply_delta(model, load_delta(tmp_path), sign=-1)
+        for layer in memit.layers:
+            torch.testing.assert_close(spec.out_weight(model, layer), original[layer], atol=1e-5, rtol=0)
+    finally:
+        with torch.no_grad():
+            for layer in memit.layers:
+                spec.out_weight(model, layer).copy_(original[layer])

@@ -39,12 +39,20 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch_size", type=int, default=64, help="rows (restorations x samples) per forward")
     parser.add_argument("--examples", type=int, default=3, help="per-fact heatmaps to draw")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads for torch (0: torch's default; 1 is faster on a busy CPU)")
+    parser.add_argument("--time_limit", type=float, default=0.0,
+                        help="minutes after which no new fact is started (0: no limit); the summary covers those done")
     cfg, secs = parse(parser, argv)
     kinds = _csv(cfg.kinds, KINDS, "--kinds")
     sever = _csv(cfg.sever, ("mlp", "attn"), "--sever")
     if cfg.n < 1 or cfg.samples < 1 or cfg.k < 1 or cfg.window < 1:
         raise SystemExit("memit-pl trace: --n, --samples, --k and --window must be >= 1")
     out = Path(cfg.out)
+    if cfg.threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
 
     model, tok = load(secs["model"], padding_side="right")
     facts = load_facts(cfg.facts, tokenizer=tok)
@@ -56,6 +64,9 @@ def main(argv: list[str]) -> int:
     skipped, t0 = 0, time.time()
     for fact in facts:
         if len(traces) >= cfg.n:
+            break
+        if cfg.time_limit > 0 and time.time() - t0 > 60 * cfg.time_limit:
+            log.warning("time limit of %.1f min reached after %d facts", cfg.time_limit, len(traces))
             break
         tr = tracer.trace_fact(fact, kinds=kinds, sever=sever)
         if tr is None:
@@ -69,7 +80,7 @@ def main(argv: list[str]) -> int:
     summary = summarize(traces, k=cfg.k)
     summary.update(model=secs["model"].name, facts_file=str(cfg.facts), sigma=sigma, noise=cfg.noise,
                    noise_std=tracer.noise_std, samples=cfg.samples, window=cfg.window, k=cfg.k,
-                   n_layers=tracer.n_layers, skipped_wrong=skipped, seconds=round(time.time() - t0, 1))
+                   n_layers=tracer.n_layers, skipped_wrong=skipped, n_requested=cfg.n, seconds=round(time.time() - t0, 1))
     io.write_json(out / "trace.json", summary)
     io.write_json(out / "cases.json", [_case(t) for t in traces])
     save_config(out, "trace", secs, {k: v for k, v in vars(cfg).items() if k not in secs and k != "config"})
