@@ -18,12 +18,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.z import memit_from_yaml  # noqa: E402
 from memit_pl.config import EvalConfig, StatsConfig, TrainerConfig  # noqa: E402
 from memit_pl.edits import load_edits  # noqa: E402
 from memit_pl.models import load_model  # noqa: E402
 from memit_pl.sweep import Editor, row  # noqa: E402
 from memit_pl.zstore import load_store  # noqa: E402
-from bench.z import memit_from_yaml  # noqa: E402
 
 
 def main() -> None:

@@ -65,7 +65,7 @@ class Tail:
                 args, kwargs = _select_rows(args, rows, n), _select_rows(kwargs, rows, n)
             block = self.spec.module(model, "block", layer)
             h = h.to(_device_of(block, h))
-            out = block(h, *args, **kwargs) if call.args else block(hidden_states=h, *args, **kwargs)
+            out = block(h, *args, **kwargs) if call.args else block(hidden_states=h, **kwargs)
             h = out[0] if isinstance(out, (tuple, list)) else out
         return self.spec.module(model, "final_norm")(h)
 

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from test_apply import covariances
 
 import memit_pl.zmodule as zm
 from memit_pl.apply import apply_memit
 from memit_pl.config import MemitConfig, TrainerConfig
 from memit_pl.edits import EditRequest
 from memit_pl.spec import get_spec
-from test_apply import covariances
 
 pytestmark = pytest.mark.multiprocess
 
