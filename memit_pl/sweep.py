@@ -122,19 +122,25 @@ def plot_rows(rows: Sequence[dict], x: str, path: str | Path, title: str, group:
         label = f" ({group} {g})" if group else ""
         for k, colour in zip(("S", "ES", "PS", "NS"), ("black", "tab:blue", "tab:orange", "tab:green")):
             axes[0].plot(xs, [r[k] for r in sel], styles[gi % 4], color=colour, marker="o", ms=3, label=k + label)
-        axes[1].plot(xs, [r["GE"] for r in sel], styles[gi % 4], color="tab:red", marker="o", ms=3, label="GE" + label)
+        ge = [(xv, r["GE"]) for xv, r in zip(xs, sel) if r.get("GE") is not None]
+        if ge:
+            axes[1].plot(*zip(*ge), styles[gi % 4], color="tab:red", marker="o", ms=3, label="GE" + label)
+    if not any(r.get("GE") is not None for r in rows):
+        axes[1].text(0.5, 0.5, "Generation Entropy not measured", ha="center", va="center", transform=axes[1].transAxes)
     base = [r for r in rows if r[x] == 0]
     if base:
         for k, colour in zip(("ES", "PS", "NS"), ("tab:blue", "tab:orange", "tab:green")):
             axes[0].axhline(base[0][k], color=colour, lw=0.6, alpha=0.5)
-        axes[1].axhline(base[0]["GE"], color="tab:red", lw=0.6, alpha=0.5)
+        if base[0].get("GE") is not None:
+            axes[1].axhline(base[0]["GE"], color="tab:red", lw=0.6, alpha=0.5)
     for ax, ylabel in zip(axes, ("success rate (%)", "generation entropy (×100)")):
         if log_x:
             ax.set_xscale("log")
         ax.set_xlabel(x)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.suptitle(title + "  (thin lines: unedited model)")
     fig.tight_layout()
     path = Path(path)
