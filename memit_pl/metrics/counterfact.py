@@ -33,7 +33,22 @@ class _CaseMean(Metric):
         return _case_mean_compute(self.total, self.count)
 
 
-class PromptSuccess(_CaseMean):
+class _PromptPair(_CaseMean):
+    """A per-case mean over prompts scored by comparing target_new with target_true; subclasses set
+    ``_pair_update`` to their functional core."""
+
+    def __init__(self, correct: str = "new", **kwargs) -> None:
+        super().__init__(**kwargs)
+        _check_correct(correct)
+        self.correct = correct
+
+    def update(self, nll_new: Tensor, nll_true: Tensor, case_index: Tensor) -> None:
+        total, count = self._pair_update(nll_new, nll_true, case_index, self.correct)
+        self.total += total
+        self.count += count
+
+
+class PromptSuccess(_PromptPair):
     """Fraction of a case's prompts on which the correct target is the more likely one, averaged over
     cases: Efficacy/Paraphrase Success with ``correct="new"``, Neighborhood Success with ``"true"``.
 
@@ -50,18 +65,10 @@ class PromptSuccess(_CaseMean):
     plot_lower_bound = 0.0
     plot_upper_bound = 1.0
 
-    def __init__(self, correct: str = "new", **kwargs) -> None:
-        super().__init__(**kwargs)
-        _check_correct(correct)
-        self.correct = correct
-
-    def update(self, nll_new: Tensor, nll_true: Tensor, case_index: Tensor) -> None:
-        total, count = _success_update(nll_new, nll_true, case_index, self.correct)
-        self.total += total
-        self.count += count
+    _pair_update = staticmethod(_success_update)
 
 
-class PromptMagnitude(_CaseMean):
+class PromptMagnitude(_PromptPair):
     """Mean probability margin: P(new) − P(true) (EM, PM; ``correct="new"``) or P(true) − P(new)
     (NM; ``"true"``), P being exp(−mean NLL per token); averaged per case, then over cases.
 
@@ -75,15 +82,7 @@ class PromptMagnitude(_CaseMean):
     plot_lower_bound = -1.0
     plot_upper_bound = 1.0
 
-    def __init__(self, correct: str = "new", **kwargs) -> None:
-        super().__init__(**kwargs)
-        _check_correct(correct)
-        self.correct = correct
-
-    def update(self, nll_new: Tensor, nll_true: Tensor, case_index: Tensor) -> None:
-        total, count = _magnitude_update(nll_new, nll_true, case_index, self.correct)
-        self.total += total
-        self.count += count
+    _pair_update = staticmethod(_magnitude_update)
 
 
 class EditingScore(Metric):

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import torch
+import torch  # noqa: F401 (the doctest uses it)
 from torch import Tensor
-from torchmetrics import Metric
 
-from memit_pl.metrics.functional import _case_mean_compute, _token_accuracy_update
+from memit_pl.metrics.counterfact import _CaseMean
+from memit_pl.metrics.functional import _token_accuracy_update
 
 
-class TokenAccuracy(Metric):
+class TokenAccuracy(_CaseMean):
     """Top-1 token accuracy under teacher forcing (zsRE efficacy, paraphrase, specificity): per case,
     the fraction of its (prompt, target token) pairs whose argmax is the target token; averaged over
     cases.
@@ -23,21 +23,11 @@ class TokenAccuracy(Metric):
     tensor(0.7500, dtype=torch.float64)
     """
 
-    is_differentiable = False
     higher_is_better = True
-    full_state_update = False
     plot_lower_bound = 0.0
     plot_upper_bound = 1.0
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, token_correct: Tensor, token_mask: Tensor, case_index: Tensor) -> None:
         total, count = _token_accuracy_update(token_correct, token_mask, case_index)
         self.total += total
         self.count += count
-
-    def compute(self) -> Tensor:
-        return _case_mean_compute(self.total, self.count)
