@@ -75,14 +75,16 @@ def apply_stage(
     previous: Sequence[str | Path] = (),
     save_model: bool = True,
     config_dump: dict[str, Any] | None = None,
+    stats_result: tuple[dict, str] | None = None,
 ) -> dict[str, Any]:
-    """Statistics (cached) and the ascending-layer update from a z store; writes the delta,
-    ``summary.json`` and (optionally) the edited model; returns the summary."""
+    """Statistics (cached; or ``stats_result`` from :func:`covariances` when already at hand) and the
+    ascending-layer update from a z store; writes the delta, ``summary.json`` and (optionally) the
+    edited model; returns the summary."""
     out_dir = Path(out_dir)
     fp_before = fingerprint(model)
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    covs, cov_id = covariances(model, tokenizer, memit, stats, cache_dir, trainer)
+    covs, cov_id = stats_result or covariances(model, tokenizer, memit, stats, cache_dir, trainer)
     timings["stats_s"] = time.perf_counter() - t
     prev = previous_keys(previous, memit.layers) if previous else None
     resid_before = residual_norms(model, tokenizer, requests, store, memit)
@@ -137,14 +139,14 @@ def run_edit(
     before = efficacy_top1(model, tokenizer, requests)
     # statistics first: they are cached and needed by the apply stage anyway
     t = time.perf_counter()
-    covariances(model, tokenizer, memit, stats, cache_dir, trainer)
+    stats_result = covariances(model, tokenizer, memit, stats, cache_dir, trainer)
     stats_s = time.perf_counter() - t
     t = time.perf_counter()
     store = compute_zs(model, tokenizer, requests, memit, z_dir or out_dir / "z", trainer, config_dump)
     z_s = time.perf_counter() - t
     summary = apply_stage(
         model, tokenizer, requests, store, memit, stats, out_dir, trainer=trainer, cache_dir=cache_dir,
-        previous=previous, save_model=save_model, config_dump=config_dump,
+        previous=previous, save_model=save_model, config_dump=config_dump, stats_result=stats_result,
     )
     after = efficacy_top1(model, tokenizer, requests)
     summary["timings"].update({"stats_s": stats_s, "z_s": z_s})
