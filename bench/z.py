@@ -1,11 +1,13 @@
 """Batched z optimisation vs the serial per-edit reference loop, side by side in one run.
 
-    .venv/bin/python bench/z.py [--n 100] [--batch 32] [--config configs/smollm2-135m.yaml]
+    .venv/bin/python bench/z.py [--n 100] [--compare 32] [--batch 32] [--config configs/smollm2-135m.yaml]
 
-For each batch of edits: the batched optimiser (one no-grad pass up to layer L, then only the
-blocks above L each step, logits only where the loss reads them), then the same edits one at a
-time with the reference algorithm (a full forward and backward pass every step). Same context
-prefixes, hyperparameters and steps. Writes bench/results/z.json.
+For each batch of edits: the batched optimiser (one no-grad pass over the columns before the
+subject's last token, filling the key/value cache; one no-grad pass up to layer L; then only the
+blocks above L and only the columns from the edit on, each step; logits only where the loss reads
+them). For the first ``--compare`` edits also, side by side: the same optimiser without the
+prefix cache, and the edits one at a time with the reference algorithm (a full forward and backward
+pass every step). Same context prefixes, hyperparameters and steps. Writes bench/results/z.json.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ def main() -> None:
     ap.add_argument("--edits", default=str(ROOT.parent / "shared/data/counterfact_known_dev.json"))
     ap.add_argument("--n", type=int, default=100, help="edits (the first n cases)")
     ap.add_argument("--batch", type=int, default=32, help="edits per batched optimisation")
+    ap.add_argument("--compare", type=int, default=32,
+                    help="edits (the first ones) also run without the prefix cache and by the serial reference")
     ap.add_argument("--config", default=str(ROOT / "configs/smollm2-135m.yaml"))
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--out", default=str(ROOT / "bench/results/z.json"))
@@ -67,42 +71,72 @@ def main() -> None:
     requests = load_edits(args.edits, tokenizer=tok, limit=args.n)
     prefixes = context_prefixes(model, tok, cfg.context_templates, cfg.context_seeds, cfg.seed)
 
-    ours_s, base_s, ours_loss, base_loss, ours_steps, base_steps, rel = [], [], [], [], [], [], []
+    ours_total, cmp_ours, cmp_plain, base_s, ours_loss, base_loss, ours_steps, base_steps, rel = 0.0, 0.0, 0.0, [], [], [], [], [], []
+    cmp_loss, plain_loss, plain_rel = [], [], []
     before_frac = []
     for i in range(0, len(requests), args.batch):
         chunk = requests[i : i + args.batch]
         t = time.perf_counter()
         batch = build_z_batch(tok, chunk, prefixes, cfg.essence_prompt)
+        cfg.z_prefix_cache = True
         res = optimize_z(model, spec, batch, cfg)
-        ours_s.append((time.perf_counter() - t) / len(chunk))
+        dt = time.perf_counter() - t
+        ours_total += dt
         ours_loss += res.loss.tolist()
         ours_steps += res.steps.tolist()
         lens = batch.attention_mask.sum(1).float()
         before_frac.append(float((batch.lookup.float() / lens).mean()))
-        for j, r in enumerate(chunk):
+        compared = max(0, min(len(chunk), args.compare - i))
+        if compared == 0:
+            print(f"edits {i + len(chunk)}/{len(requests)}: ours {ours_total / (i + len(chunk)):.3f} s/edit", flush=True)
+            continue
+        sub = chunk[:compared]
+        if compared < len(chunk):  # time ours on exactly the compared edits
+            t = time.perf_counter()
+            res = optimize_z(model, spec, build_z_batch(tok, sub, prefixes, cfg.essence_prompt), cfg)
+            dt = time.perf_counter() - t
+        cmp_ours += dt
+        cmp_loss += res.loss.tolist()[:compared]
+        cfg.z_prefix_cache = False
+        t = time.perf_counter()
+        plain = optimize_z(model, spec, build_z_batch(tok, sub, prefixes, cfg.essence_prompt), cfg)
+        cmp_plain += time.perf_counter() - t
+        cfg.z_prefix_cache = True
+        plain_loss += plain.loss.tolist()
+        plain_rel += ((res.z[:compared] - plain.z).norm(dim=-1) / plain.z.norm(dim=-1)).tolist()
+        for j, r in enumerate(sub):
             t = time.perf_counter()
             z, loss, steps = reference_z(model, tok, spec, r, prefixes, cfg)
             base_s.append(time.perf_counter() - t)
             base_loss.append(loss)
             base_steps.append(steps)
             rel.append(float((res.z[j] - z).norm() / z.norm()))
-        print(f"edits {i + len(chunk)}/{len(requests)}: ours {statistics.median(ours_s):.3f} s/edit, "
-              f"reference {statistics.median(base_s):.3f} s/edit", flush=True)
+        print(f"edits {i + len(chunk)}/{len(requests)}: ours {ours_total / (i + len(chunk)):.3f} s/edit; compared "
+              f"{len(base_s)}: ours {cmp_ours / len(base_s):.3f}, no prefix cache {cmp_plain / len(base_s):.3f}, "
+              f"reference {statistics.fmean(base_s):.3f} s/edit", flush=True)
 
     prof = profile_batch(model, spec, build_z_batch(tok, requests[: args.batch], prefixes, cfg.essence_prompt), cfg)
-    ours, base = statistics.median(ours_s), statistics.median(base_s)
+    n_cmp = len(base_s)
+    ours, plain_s, base = cmp_ours / n_cmp, cmp_plain / n_cmp, statistics.fmean(base_s)
     result = {
         "model": args.model,
         "n_edits": len(requests),
+        "n_compared": n_cmp,
         "batch_size": args.batch,
         "ours_s_per_edit": round(ours, 4),
         "baseline_s_per_edit": round(base, 4),
         "ratio": round(base / ours, 2),
-        "ours_mean_loss": round(statistics.fmean(ours_loss), 4),
+        "ours_mean_loss": round(statistics.fmean(cmp_loss), 4),
         "baseline_mean_loss": round(statistics.fmean(base_loss), 4),
-        "ours_mean_steps": round(statistics.fmean(ours_steps), 2),
+        "ours_no_prefix_cache_s_per_edit": round(plain_s, 4),
+        "ours_no_prefix_cache_mean_loss": round(statistics.fmean(plain_loss), 4),
+        "ratio_prefix_cache": round(plain_s / ours, 2),
+        "max_rel_z_diff_prefix_cache_vs_not": round(max(plain_rel), 7),
+        "ours_all_s_per_edit": round(ours_total / len(requests), 4),
+        "ours_all_mean_loss": round(statistics.fmean(ours_loss), 4),
+        "ours_mean_steps": round(statistics.fmean(ours_steps[:n_cmp]), 2),
         "baseline_mean_steps": round(statistics.fmean(base_steps), 2),
-        "same_steps_fraction": round(sum(a == b for a, b in zip(ours_steps, base_steps)) / len(base_steps), 3),
+        "same_steps_fraction": round(sum(a == b for a, b in zip(ours_steps[:n_cmp], base_steps)) / n_cmp, 3),
         "median_rel_z_diff": round(statistics.median(rel), 6),
         "max_rel_z_diff": round(max(rel), 6),
         "fraction_of_positions_before_edit": round(statistics.fmean(before_frac), 3),

@@ -61,6 +61,10 @@ class MemitConfig:
     """The prompt of the KL ("essence") term."""
     z_batch_size: int = 32
     """Edits optimised together."""
+    z_prefix_cache: bool = True
+    """Run the positions before each subject's last token once per batch (key/value cache) instead of
+    every step; off: every step re-runs all positions above L (same result, for models whose cache
+    misbehaves)."""
     seed: int = 0
     """Seed of the sampled context prefixes."""
 

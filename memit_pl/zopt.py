@@ -16,7 +16,7 @@ from memit_pl.config import MemitConfig
 from memit_pl.hooks import scatter_add
 from memit_pl.losses import RowAdam, clamp_rows, delta_decay, essence_kl, mean_per_edit, target_nll
 from memit_pl.spec import ModelSpec
-from memit_pl.tail import Tail, record_tail
+from memit_pl.tail import Tail, record_tail, record_tail_cached
 from memit_pl.zbatch import ZBatch
 
 
@@ -46,10 +46,14 @@ def optimize_z(
     """Optimise δ for every edit of ``batch`` jointly; each edit follows the reference algorithm
     (Adam, clamp after every step, early stop on its own loss) as if it were alone."""
     layer = cfg.target_layer
-    tail = record_tail(model, spec, layer, batch.input_ids, batch.attention_mask)
+    if cfg.z_prefix_cache:
+        tail = record_tail_cached(model, spec, layer, batch.input_ids, batch.attention_mask, batch.lookup)
+    else:
+        tail = record_tail(model, spec, layer, batch.input_ids, batch.attention_mask)
     n = batch.n_edits
     dev = tail.hidden.device
-    lookup = batch.lookup.to(dev)
+    all_rows = torch.arange(batch.input_ids.shape[0], device=dev)
+    lookup = tail.col(all_rows, batch.lookup.to(dev))  # the subject's last token, as a column of the tail
     edit_of_row = batch.edit_of_row.to(dev)
     h_init = tail.hidden[batch.init_rows.to(dev), lookup[batch.init_rows.to(dev)]]
     h_init = h_init.to(torch.promote_types(h_init.dtype, torch.float32))  # [n_edits, d_model]
@@ -81,7 +85,7 @@ def optimize_z(
         # rewrite rows: logits at the positions predicting the target tokens
         rw_local = (slot[rows] >= 0).nonzero().squeeze(-1)
         rw_slot = slot[rows][rw_local]
-        tpos = batch.target_pos.to(dev)[rw_slot]
+        tpos = tail.col(rows[rw_local], batch.target_pos.to(dev)[rw_slot])
         tids = batch.target_ids.to(dev)[rw_slot]
         at = normed[rw_local.unsqueeze(-1), tpos.clamp(min=0)]  # [rw, t_max, d_model]
         log_probs = torch.log_softmax(Tail.logits(model, spec, at).to(h_init.dtype), dim=-1)
