@@ -55,8 +55,10 @@ class Editor:
     """A model plus everything reusable across edits of it (statistics, z stores per target layer)."""
 
     def __init__(self, model, tokenizer, stats: StatsConfig, work_dir: str | Path, *, trainer: TrainerConfig | None = None,
-                 cache_dir: str | Path | None = None, eval_cfg: EvalConfig | None = None):
+                 cache_dir: str | Path | None = None, eval_cfg: EvalConfig | None = None,
+                 z_dir: str | Path | None = None):
         self.model, self.tok, self.stats = model, tokenizer, stats
+        self.z_dir = None if z_dir is None else Path(z_dir)
         self.work_dir, self.trainer, self.cache_dir = Path(work_dir), trainer, cache_dir
         self.eval_cfg = eval_cfg or EvalConfig()
         self.z_runs = 0  # z optimisations started (the tests check that a λ sweep starts none twice)
@@ -74,9 +76,13 @@ class Editor:
         return {layer: self._covs[layer] for layer in layers}
 
     def zs(self, requests: Sequence[EditRequest], memit: MemitConfig):
-        """The z store for target layer max(R) (computed once per layer; resumed from disk)."""
+        """The z store for target layer max(R) (computed once per layer; resumed from disk). A given
+        ``z_dir`` (e.g. an earlier run's ``z/``) serves its own target layer."""
         self.z_runs += 1
-        return compute_zs(self.model, self.tok, requests, memit, self.work_dir / f"z-L{memit.target_layer}", self.trainer)
+        store_dir = self.work_dir / f"z-L{memit.target_layer}"
+        if self.z_dir is not None and _store_layer(self.z_dir) in (None, memit.target_layer):
+            store_dir = self.z_dir
+        return compute_zs(self.model, self.tok, requests, memit, store_dir, self.trainer)
 
     def evaluate(self, requests: Sequence[EditRequest]) -> dict[str, Any]:
         from memit_pl.evaluate import evaluate_requests
@@ -91,6 +97,13 @@ class Editor:
                         self.work_dir / tag, trainer=self.trainer,
                         cov_ids={layer: self._cov_id for layer in memit.layers})
             return self.evaluate(eval_requests if eval_requests is not None else requests)
+
+
+def _store_layer(store_dir: Path) -> int | None:
+    """The target layer of the z store in ``store_dir`` (None when it holds none yet)."""
+    from memit_pl.zstore import STORE_FILE, load_store
+
+    return load_store(store_dir).layer if (store_dir / STORE_FILE).exists() else None
 
 
 def scaling_sweep(editor: Editor, requests: Sequence[EditRequest], memit: MemitConfig, grid: Sequence[int]) -> list[dict]:

@@ -13,6 +13,7 @@ only the columns from ``start`` on, attending to the cached keys and values.
 from __future__ import annotations
 
 import copy
+import inspect
 from contextlib import ExitStack
 
 from dataclasses import dataclass
@@ -182,6 +183,7 @@ def record_tail_cached(
     if start == 0:
         return record_tail(model, spec, layer, input_ids, attention_mask)
     cache = DynamicCache(config=model.config)
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     # a left-padding column attends to nothing; some attention kernels answer NaN there, which the
     # next layer's keys and values would carry into real columns, so those columns are zeroed
     keep = mask[:, :start, None].bool()
@@ -189,12 +191,12 @@ def record_tail_cached(
         for i in range(spec.n_layers(model)):
             stack.enter_context(edit_output(model, spec.name("block", i), lambda y: torch.where(keep.to(y.device), y, 0)))
         model(input_ids=ids[:, :start], attention_mask=mask[:, :start], position_ids=pos[:, :start],
-              past_key_values=cache, use_cache=True)
+              use_cache=True, **{cache_arg: cache})
     frozen = _select_cache(cache, None)  # the layers' tensors before the next pass appends to them
     later = {spec.name("block", i): i for i in range(layer + 1, spec.n_layers(model))}
     block_name = spec.name("block", layer)
     with capture_args(model, list(later)) as calls, trace(model, [block_name]) as tr:
         model(input_ids=ids[:, start:], attention_mask=mask, position_ids=pos[:, start:],
-              past_key_values=cache, use_cache=True)
+              use_cache=True, **{cache_arg: cache})
     return Tail(spec, layer, tr[block_name].output, {i: calls[name] for name, i in later.items()},
                 shift=shift, start=start, frozen=frozen)

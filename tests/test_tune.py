@@ -99,3 +99,19 @@ def test_scaling_sweep_restores_weights_and_reuses_z(editor):
     assert all(r["ES"] is not None and r["NS"] is not None for r in rows)
     for layer in MEMIT.layers:
         assert torch.equal(spec.out_weight(editor.model, layer), before[layer])
+
+
+def test_editor_reuses_a_given_z_store(editor, tmp_path, monkeypatch):
+    """A store from an earlier run (``--z_dir``) serves its target layer without new optimisation;
+    another target layer gets its own store in the work directory."""
+    first = editor.zs(REQUESTS, MEMIT)
+    reuse = Editor(editor.model, editor.tok, editor.stats, tmp_path / "other", trainer=editor.trainer,
+                   cache_dir=editor.cache_dir, z_dir=editor.work_dir / f"z-L{MEMIT.target_layer}")
+    calls = []
+    real = zm.optimize_z
+    monkeypatch.setattr(zm, "optimize_z", lambda *a, **k: calls.append(a[2].case_ids) or real(*a, **k))
+    again = reuse.zs(REQUESTS[:4], MEMIT)
+    assert calls == []
+    assert torch.equal(again.z_for(["0", "3"]), first.z_for(["0", "3"]))
+    reuse.zs(REQUESTS[:2], MemitConfig(**{**vars(MEMIT), "layers": [1]}))
+    assert calls and (tmp_path / "other" / "z-L1").exists()

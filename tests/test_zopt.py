@@ -6,7 +6,7 @@ from memit_pl.edits import EditRequest, target_ids
 from memit_pl.hooks import edit_output
 from memit_pl.losses import RowAdam, clamp_rows, essence_kl, mean_per_edit, target_nll
 from memit_pl.spec import get_spec
-from memit_pl.tail import Tail, record_tail
+from memit_pl.tail import Tail, align, record_tail, record_tail_cached
 from memit_pl.testing import FAMILIES
 from memit_pl.tokens import tokenize_with_subject
 from memit_pl.z_reference import reference_z
@@ -33,6 +33,57 @@ def test_tail_rerun_equals_full_forward(make_model, tok, family):
     rows = torch.tensor([1])
     one = Tail.logits(model, spec, tail.run(model, tail.hidden[rows], rows=rows))
     torch.testing.assert_close(one[0], full[1], atol=1e-5, rtol=1e-5)
+
+
+def test_align_keeps_tokens_and_positions(tok):
+    enc = tok(["The capital of France is", "Paris is a city", "Toyota"], return_tensors="pt", padding=True)
+    at = torch.tensor([3, 1, 0])
+    ids, mask, pos, shift = align(enc.input_ids, enc.attention_mask, at)
+    assert shift.tolist() == [0, 2, 3]
+    for r in range(3):
+        n = int(enc.attention_mask[r].sum())
+        cols = torch.arange(n) + shift[r]
+        assert torch.equal(ids[r, cols], enc.input_ids[r, :n])
+        assert torch.equal(pos[r, cols], torch.arange(n))
+        assert int(mask[r].sum()) == n
+        assert ids[r, 3] == enc.input_ids[r, at[r]]  # every row's edit position in one column
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_tail_equals_full_forward(make_model, tok, family):
+    """The tail re-run from the aligned edit column on, attending to the cached earlier columns,
+    gives the full forward pass's logits (also for a subset of rows)."""
+    model = make_model(family).double()
+    spec = get_spec(model)
+    enc = tok(["The capital of France is Paris", "Paris is a city in the world of", "Toyota is"],
+              return_tensors="pt", padding=True)
+    at = torch.tensor([3, 1, 0])
+    full = model(**enc).logits
+    tail = record_tail_cached(model, spec, 1, enc.input_ids, enc.attention_mask, at)
+    assert tail.hidden.shape[1] < enc.input_ids.shape[1]
+    out = Tail.logits(model, spec, tail.run(model, tail.hidden))
+    for rows in (None, torch.tensor([2, 0])):
+        got = out if rows is None else Tail.logits(model, spec, tail.run(model, tail.hidden[rows], rows=rows))
+        for i, r in enumerate(range(3) if rows is None else rows.tolist()):
+            n = int(enc.attention_mask[r].sum())
+            cols = tail.col(torch.tensor([r]), torch.arange(int(at[r]), n))
+            torch.testing.assert_close(got[i, cols], full[r, int(at[r]) : n], atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefix_cache_changes_nothing(make_model, tok, family):
+    """z, losses and early-stop steps with and without the prefix cache (float64)."""
+    model = make_model(family).double()
+    spec = get_spec(model)
+    batch = build_z_batch(tok, REQUESTS + ENDING, PREFIXES)
+    out = {}
+    for cached in (True, False):
+        cfg = MemitConfig(layers=[1, 2], v_num_grad_steps=6, v_lr=0.05, v_loss_threshold=6.2,
+                          clamp_norm_factor=20.0, v_weight_decay=0.01, z_prefix_cache=cached)
+        out[cached] = optimize_z(model, spec, batch, cfg)
+    assert out[True].steps.tolist() == out[False].steps.tolist()
+    assert ((out[True].z - out[False].z).norm(dim=-1) / out[False].z.norm(dim=-1)).max() <= 1e-8
+    torch.testing.assert_close(out[True].loss, out[False].loss, atol=1e-9, rtol=1e-9)
 
 
 def test_z_batch_layout(tok):

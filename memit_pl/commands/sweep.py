@@ -14,6 +14,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--edits", required=True, help="edits file (CounterFact JSON)")
     parser.add_argument("--out", required=True, help="output directory (sweep.json, sweep.md, sweep.png)")
     parser.add_argument("--limit", type=int | None, default=None, help="use only the first N edits")
+    parser.add_argument("--z_dir", default=None, help="z store to reuse and extend (e.g. an edit run's z/), for its target layer")
     parser.add_argument("--grid", type=list[int] | None, default=None, help="numbers of edits (default 1, 10, 100, ..., all)")
     cfg, secs = parse(parser, argv)
     from memit_pl.sweep import Editor, log_grid, scaling_sweep, write_sweep
@@ -24,7 +25,7 @@ def main(argv: list[str]) -> int:
     out = Path(cfg.out)
     save_config(out, "sweep", secs, {"edits": str(cfg.edits), "limit": cfg.limit, "grid": cfg.grid})
     editor = Editor(model, tok, secs["stats"], out / "work", trainer=secs["trainer"],
-                    cache_dir=secs["model"].cache_dir, eval_cfg=secs["eval"])
+                    cache_dir=secs["model"].cache_dir, eval_cfg=secs["eval"], z_dir=cfg.z_dir)
     grid = cfg.grid or log_grid(len(requests))
     rows = scaling_sweep(editor, requests, secs["memit"], grid)
     meta = {"model": secs["model"].name, "edits_file": str(cfg.edits), "layers": secs["memit"].layers,

@@ -15,6 +15,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--edits", required=True, help="edits file (CounterFact JSON)")
     parser.add_argument("--out", required=True, help="output directory (tune.json, tune.md, tune.png, tuned.yaml)")
     parser.add_argument("--limit", type=int | None, default=None, help="use only the first N edits")
+    parser.add_argument("--z_dir", default=None, help="z store to reuse and extend (e.g. an edit run's z/), for its target layer")
     parser.add_argument("--lambdas", type=list[float], default=[1e3, 3e3, 1e4, 3e4, 1e5], help="λ grid")
     parser.add_argument("--windows", type=list[list[int]] | None, default=None,
                         help="layer windows to try (default: 5-layer windows starting at 1, 3, 5)")
@@ -33,7 +34,7 @@ def main(argv: list[str]) -> int:
     out = Path(cfg.out)
     save_config(out, "tune", secs, {"edits": str(cfg.edits), "lambdas": cfg.lambdas, "windows": cfg.windows})
     editor = Editor(model, tok, secs["stats"], out / "work", trainer=secs["trainer"],
-                    cache_dir=secs["model"].cache_dir, eval_cfg=secs["eval"])
+                    cache_dir=secs["model"].cache_dir, eval_cfg=secs["eval"], z_dir=cfg.z_dir)
     windows = cfg.windows or default_windows(get_spec(model).n_layers(model))
     result = tune(editor, requests, secs["memit"], cfg.lambdas, windows, tune_fraction=cfg.tune_fraction,
                   seed=cfg.seed, max_ns_drop=cfg.max_ns_drop, max_ge_drop=cfg.max_ge_drop)

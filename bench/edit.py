@@ -1,0 +1,97 @@
+"""End-to-end `memit-pl edit` of the first N CounterFact cases: seconds per stage and peak RSS.
+
+    .venv/bin/python bench/edit.py [--n 100 584] [--config configs/smollm2-135m.yaml] [--out-dir DIR]
+
+Each N runs the real command in its own process (statistics from the cache, warmed first by
+`memit-pl stats`; z optimised from scratch; the ascending-layer update; save_pretrained; the top-1
+efficacy check) so that its peak RSS is its own. Stage times come from the run's summary.json.
+Writes bench/results/edit.json; the run directories (with their z stores, reusable by `sweep` and
+`tune --z_dir`) stay under --out-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli() -> list[str]:
+    exe = Path(sys.executable).with_name("memit-pl")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "memit_pl"]
+
+
+def run_measured(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MB of the child process) of one command."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed with exit code {code}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--edits", default=str(ROOT.parent / "shared/data/counterfact_known_dev.json"))
+    ap.add_argument("--n", type=int, nargs="+", default=[100, 584], help="numbers of edits (first N cases)")
+    ap.add_argument("--config", default=str(ROOT / "configs/smollm2-135m.yaml"))
+    ap.add_argument("--out-dir", default=str(Path.home() / ".cache/memit_pl/runs/bench-edit"))
+    ap.add_argument("--fresh", action="store_true", help="delete earlier run directories first (z from scratch)")
+    ap.add_argument("--out", default=str(ROOT / "bench/results/edit.json"))
+    args = ap.parse_args()
+
+    common = ["--config", args.config, "--trainer.enable_progress_bar", "false"]
+    warm_s, warm_rss = run_measured(cli() + ["stats", *common])
+    runs = []
+    for n in args.n:
+        out = Path(args.out_dir) / f"n{n}"
+        if out.exists():
+            if not args.fresh:
+                raise SystemExit(f"{out} exists: its z store would be resumed, not timed; pass --fresh")
+            shutil.rmtree(out)
+        wall, rss = run_measured(cli() + ["edit", *common, "--edits", args.edits, "--limit", str(n), "--out", str(out)])
+        summary = json.loads((out / "summary.json").read_text())
+        t = summary["timings"]
+        runs.append({
+            "n_edits": n,
+            "wall_s": round(wall, 1),
+            "stages_s": {k.removesuffix("_s"): round(v, 1) for k, v in t.items()},
+            "z_s_per_edit": round(t["z_s"] / n, 3),
+            "other_s": round(wall - sum(t.values()), 1),
+            "peak_rss_mb": round(rss, 1),
+            "top1_new_before": summary["top1_new_before"],
+            "top1_new_after": summary["top1_new_after"],
+            "z_mean_steps": round(summary["z_mean_steps"], 2),
+            "run_dir": str(out),
+        })
+        print(json.dumps(runs[-1]), flush=True)
+    result = {
+        "model_config": str(Path(args.config).relative_to(ROOT) if Path(args.config).is_relative_to(ROOT) else args.config),
+        "edits_file": args.edits,
+        "device": f"cpu ({os.cpu_count()} cores, {platform.machine()})",
+        "stats_warm_s": round(warm_s, 1),
+        "stats_warm_peak_rss_mb": round(warm_rss, 1),
+        "runs": runs,
+        "note": "other_s: model loading, the before/after prediction table, writing the run directory",
+        "command": "python bench/edit.py " + " ".join(sys.argv[1:]),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    main()
