@@ -121,8 +121,13 @@ def record_tail(model: nn.Module, spec: ModelSpec, layer: int, input_ids: Tensor
     later = {spec.name("block", i): i for i in range(layer + 1, spec.n_layers(model))}
     block_name = spec.name("block", layer)
     with capture_args(model, list(later)) as calls, trace(model, [block_name]) as tr:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **_few_logits(model))
     return Tail(spec, layer, tr[block_name].output, {i: calls[name] for name, i in later.items()})
+
+
+def _few_logits(model: nn.Module) -> dict:
+    """Forward kwargs that skip the LM head at all but the last position (the tail computes its own)."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
 def _is_cache(x) -> bool:
@@ -191,12 +196,12 @@ def record_tail_cached(
         for i in range(spec.n_layers(model)):
             stack.enter_context(edit_output(model, spec.name("block", i), lambda y: torch.where(keep.to(y.device), y, 0)))
         model(input_ids=ids[:, :start], attention_mask=mask[:, :start], position_ids=pos[:, :start],
-              use_cache=True, **{cache_arg: cache})
+              use_cache=True, **{cache_arg: cache}, **_few_logits(model))
     frozen = _select_cache(cache, None)  # the layers' tensors before the next pass appends to them
     later = {spec.name("block", i): i for i in range(layer + 1, spec.n_layers(model))}
     block_name = spec.name("block", layer)
     with capture_args(model, list(later)) as calls, trace(model, [block_name]) as tr:
         model(input_ids=ids[:, start:], attention_mask=mask, position_ids=pos[:, start:],
-              use_cache=True, **{cache_arg: cache})
+              use_cache=True, **{cache_arg: cache}, **_few_logits(model))
     return Tail(spec, layer, tr[block_name].output, {i: calls[name] for name, i in later.items()},
                 shift=shift, start=start, frozen=frozen)
