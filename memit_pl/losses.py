@@ -26,6 +26,22 @@ def target_nll(log_probs: Tensor, target_ids: Tensor) -> Tensor:
     return -(picked * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
+def target_nll_flat(log_probs: Tensor, target_ids: Tensor, real: Tensor) -> Tensor:
+    """:func:`target_nll` from log-probabilities at the real target tokens only.
+
+    Args:
+        log_probs: [n_real, vocab], in the order of ``real.nonzero()``.
+        target_ids: [n_real].
+        real: [rows, t_max] bool, which slots hold a target token.
+
+    Returns:
+        [rows]: −Σ_t log p(target_t) / n_tokens.
+    """
+    picked = torch.zeros(real.shape, dtype=log_probs.dtype, device=log_probs.device)
+    picked = picked.masked_scatter(real.to(log_probs.device), log_probs.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1))
+    return -picked.sum(-1) / real.sum(-1).clamp(min=1).to(log_probs.device)
+
+
 def mean_per_edit(values: Tensor, edit_of_row: Tensor, n_edits: int) -> Tensor:
     """Average row values [rows] over the rows of each edit -> [n_edits]."""
     total = torch.zeros(n_edits, dtype=values.dtype, device=values.device).index_add(0, edit_of_row, values)

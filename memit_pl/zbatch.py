@@ -92,6 +92,19 @@ def build_z_batch(
     )
 
 
+def live_length(tokenizer, request: EditRequest) -> int:
+    """Columns a step re-runs for this edit's rewrite rows with the prefix cache: from the subject's
+    last token to the end of the teacher-forced target (the context prefix does not change it)."""
+    pb = tokenize_with_subject(tokenizer, [request.prompt], [request.subject])
+    return int(pb.attention_mask[0].sum()) - int(pb.subject_last[0]) + len(target_ids(tokenizer, request.target_new)) - 1
+
+
+def by_live_length(tokenizer, requests: Sequence[EditRequest]) -> list[EditRequest]:
+    """``requests`` ordered (stably) by :func:`live_length`, so that a batch pads its rows little."""
+    lengths = [live_length(tokenizer, r) for r in requests]
+    return [requests[i] for i in sorted(range(len(requests)), key=lambda i: lengths[i])]
+
+
 class ZCollate:
     """DataLoader ``collate_fn``: a list of EditRequests -> ZBatch (picklable for worker processes)."""
 

@@ -22,7 +22,7 @@ from memit_pl.context import context_prefixes
 from memit_pl.edits import EditRequest
 from memit_pl.models import fingerprint, input_device, spread_over_devices
 from memit_pl.spec import get_spec
-from memit_pl.zbatch import ZBatch, ZCollate
+from memit_pl.zbatch import ZBatch, ZCollate, by_live_length
 from memit_pl.zopt import ZResult, optimize_z
 from memit_pl.zstore import ZStore, done_case_ids, load_store, merge, store_key, write_part
 
@@ -136,6 +136,8 @@ def compute_zs(
     key = store_key(fp, memit, prefixes)
     done = done_case_ids(store_dir, key)
     todo = [r for r in requests if r.case_id not in done]
+    if memit.z_prefix_cache:  # batches of edits with similar lengths after the subject pad little
+        todo = by_live_length(tokenizer, todo)
     metadata = {
         "layer": memit.target_layer,
         "fingerprint": fp,

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from memit_pl.config import MemitConfig
 from memit_pl.hooks import scatter_add
-from memit_pl.losses import RowAdam, clamp_rows, delta_decay, essence_kl, mean_per_edit, target_nll
+from memit_pl.losses import RowAdam, clamp_rows, delta_decay, essence_kl, mean_per_edit, target_nll_flat
 from memit_pl.spec import ModelSpec
 from memit_pl.tail import Tail, record_tail, record_tail_cached
 from memit_pl.zbatch import ZBatch
@@ -87,9 +87,11 @@ def optimize_z(
         rw_slot = slot[rows][rw_local]
         tpos = tail.col(rows[rw_local], batch.target_pos.to(dev)[rw_slot])
         tids = batch.target_ids.to(dev)[rw_slot]
-        at = normed[rw_local.unsqueeze(-1), tpos.clamp(min=0)]  # [rw, t_max, d_model]
+        real = tids != -100  # the LM head only at real target tokens, not at padding slots
+        at = normed[rw_local.unsqueeze(-1).expand_as(tpos)[real], tpos[real]]  # [targets, d_model]
         log_probs = torch.log_softmax(Tail.logits(model, spec, at).to(h_init.dtype), dim=-1)
-        nll = mean_per_edit(target_nll(log_probs, tids.to(log_probs.device)).to(dev), edit_of_row[rows][rw_local], n)
+        nll = mean_per_edit(target_nll_flat(log_probs, tids[real].to(log_probs.device), real).to(dev),
+                            edit_of_row[rows][rw_local], n)
 
         # essence rows: next-token distribution at the subject's last token
         es_local = is_essence[rows].nonzero().squeeze(-1)

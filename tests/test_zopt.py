@@ -4,13 +4,13 @@ import torch
 from memit_pl.config import MemitConfig, TrainerConfig
 from memit_pl.edits import EditRequest, target_ids
 from memit_pl.hooks import edit_output
-from memit_pl.losses import RowAdam, clamp_rows, essence_kl, mean_per_edit, target_nll
+from memit_pl.losses import RowAdam, clamp_rows, essence_kl, mean_per_edit, target_nll, target_nll_flat
 from memit_pl.spec import get_spec
 from memit_pl.tail import Tail, align, record_tail, record_tail_cached
 from memit_pl.testing import FAMILIES
 from memit_pl.tokens import tokenize_with_subject
 from memit_pl.z_reference import reference_z
-from memit_pl.zbatch import build_z_batch
+from memit_pl.zbatch import build_z_batch, by_live_length, live_length
 from memit_pl.zopt import optimize_z
 
 REQUESTS = [
@@ -224,7 +224,7 @@ def test_trainer_stage_store_and_resume(make_model, tok, tmp_path, monkeypatch):
     cfg = MemitConfig(layers=[1, 2], v_num_grad_steps=4, z_batch_size=2, context_templates=[[3, 2]])
     tcfg = TrainerConfig(accelerator="cpu", enable_progress_bar=False)
     full = zm.compute_zs(model, tok, REQUESTS, cfg, tmp_path / "full", tcfg)
-    assert full.case_ids == [r.case_id for r in REQUESTS]
+    assert sorted(full.case_ids) == sorted(r.case_id for r in REQUESTS)  # stored in the order optimised
     assert full.tensors["z"].shape == (4, 32)
 
     calls = {"n": 0}
@@ -285,3 +285,20 @@ def test_smollm2_batched_equals_reference_and_hits_targets(smollm2):
     with torch.no_grad(), edit_output(model, spec.name("block", 7), lambda y: y.index_put((rows, pb.subject_last), res.z)):
         top = model(input_ids=pb.input_ids, attention_mask=pb.attention_mask).logits[rows, pb.last].argmax(-1)
     assert top.tolist() == [target_ids(tok, r.target_new)[0] for r in reqs]
+
+
+def test_flat_target_nll_equals_padded():
+    torch.manual_seed(0)
+    lp = torch.log_softmax(torch.randn(3, 4, 11), -1)
+    ids = torch.tensor([[1, 2, -100, -100], [3, -100, -100, -100], [4, 5, 6, 7]])
+    real = ids != -100
+    torch.testing.assert_close(target_nll_flat(lp[real], ids[real], real), target_nll(lp, ids))
+
+
+def test_batches_are_ordered_by_live_length(tok):
+    reqs = by_live_length(tok, REQUESTS + ENDING)
+    lengths = [live_length(tok, r) for r in reqs]
+    assert lengths == sorted(lengths) and sorted(r.case_id for r in reqs) == sorted(r.case_id for r in REQUESTS + ENDING)
+    b = build_z_batch(tok, REQUESTS[:1], [""])
+    row = b.rewrite_rows[0]
+    assert live_length(tok, REQUESTS[0]) == int(b.attention_mask[row].sum() - b.lookup[row])
