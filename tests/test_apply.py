@@ -153,6 +153,7 @@ def test_smollm2_ten_edits_take(smollm2, tmp_path, monkeypatch):
     model, tok = smollm2
     requests = load_edits(root / "data" / "demo_edits.jsonl", tokenizer=tok, limit=10)
     memit = MemitConfig(**yaml.safe_load((root / "configs" / "smollm2-135m.yaml").read_text())["memit"])
+    memit.mom2_update_weight = 1000.0  # the demo's efficacy-first λ (the shipped one is tuned for hundreds of edits)
     spec = get_spec(model)
     original = {layer: spec.out_weight(model, layer).clone() for layer in memit.layers}
     try:
