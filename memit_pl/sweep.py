@@ -119,8 +119,9 @@ def scaling_sweep(editor: Editor, requests: Sequence[EditRequest], memit: MemitC
 
 
 def plot_rows(rows: Sequence[dict], x: str, path: str | Path, title: str, group: str | None = None,
-              log_x: bool = True) -> Path:
-    """ES/PS/NS/GE (and S) against ``x``; one line style per ``group`` value when given."""
+              log_x: bool = True, baseline: dict | None = None) -> Path:
+    """ES/PS/NS/GE (and S) against ``x``; one line style per ``group`` value when given; the unedited
+    model (``baseline``, else the row with ``x`` = 0) as thin horizontal lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,7 +141,7 @@ def plot_rows(rows: Sequence[dict], x: str, path: str | Path, title: str, group:
             axes[1].plot(*zip(*ge), styles[gi % 4], color="tab:red", marker="o", ms=3, label="GE" + label)
     if not any(r.get("GE") is not None for r in rows):
         axes[1].text(0.5, 0.5, "Generation Entropy not measured", ha="center", va="center", transform=axes[1].transAxes)
-    base = [r for r in rows if r[x] == 0]
+    base = [baseline] if baseline is not None else [r for r in rows if r[x] == 0]
     if base:
         for k, colour in zip(("ES", "PS", "NS"), ("tab:blue", "tab:orange", "tab:green")):
             axes[0].axhline(base[0][k], color=colour, lw=0.6, alpha=0.5)
@@ -154,7 +155,7 @@ def plot_rows(rows: Sequence[dict], x: str, path: str | Path, title: str, group:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    fig.suptitle(title + "  (thin lines: unedited model)")
+    fig.suptitle(title + ("  (thin lines: unedited model)" if base else ""))
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

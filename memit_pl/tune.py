@@ -127,7 +127,8 @@ def write_tune(out_dir: str | Path, result: dict[str, Any], model_cfg: dict, sta
         markdown([{**result["unedited_held"], "which": "unedited"}, {**result["held"], "which": "edited"}], ("which", *COLUMNS)),
     ]
     io.write_text(out_dir / "tune.md", "\n".join(text) + "\n")
-    plot_rows(result["rows"], "lam", out_dir / "tune.png", f"{title}: {result['n_tune']} edits in one batch vs λ", group="layers")
+    plot_rows(result["rows"], "lam", out_dir / "tune.png", f"{title}: {result['n_tune']} edits in one batch vs λ", group="layers",
+              baseline=result["unedited_tune"])
     path = out_dir / "tuned.yaml"
     io.write_text(path, f"# chosen by `memit-pl tune` (see {out_dir / 'tune.md'})\n"
                   + to_yaml({"model": model_cfg, "memit": result["memit"], "stats": stats_cfg}))
