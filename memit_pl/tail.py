@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import inspect
 from contextlib import ExitStack
-
 from dataclasses import dataclass
 
 import torch
