@@ -17,14 +17,13 @@ Reports (``metrics.json``, ``cases.jsonl``, ``report.md``, PNG plots) live in
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import time
 import unicodedata
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import lightning as L
@@ -54,7 +53,7 @@ from memit_pl.metrics.functional import (
     target_token_stats,
     tfidf_cosine,
 )
-from memit_pl.models import input_device
+from memit_pl.models import cache_kwarg, input_device, spread_over_devices
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +324,7 @@ def generate_greedy(model: nn.Module, tokenizer, prompts: Sequence[str], max_new
     out: list[Tensor] = []
     past = None
     step_ids, step_mask, step_pos = ids, mask, pos
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_arg = cache_kwarg(model)
     for _ in range(max_new_tokens):
         res = model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_pos,
                     use_cache=True, logits_to_keep=1, **{cache_arg: past})
@@ -492,22 +491,9 @@ def _trainer(trainer_cfg: TrainerConfig, model: nn.Module) -> L.Trainer:
         dev = input_device(model)
         accelerator = "gpu" if dev.type == "cuda" else dev.type
         devices = [dev.index or 0] if dev.type == "cuda" else 1
-    return L.Trainer(
-        accelerator=accelerator,
-        devices=devices,
-        strategy=trainer_cfg.strategy,
-        num_nodes=trainer_cfg.num_nodes,
-        enable_progress_bar=trainer_cfg.enable_progress_bar,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
+    from memit_pl.zmodule import make_trainer
 
-
-def _dispatched(model: nn.Module) -> bool:
-    """Whether accelerate placed the model over several devices (Lightning must not move it)."""
-    dmap = getattr(model, "hf_device_map", None) or {}
-    return len({str(d) for d in dmap.values()}) > 1
+    return make_trainer(replace(trainer_cfg, accelerator=accelerator, devices=devices), [], inference_mode=True)
 
 
 def evaluate_requests(
@@ -549,7 +535,7 @@ def evaluate_requests(
     )
     module = EvalModule(model, tokenizer, items, eval_cfg, reference)
     was_training = model.training
-    if _dispatched(model):
+    if spread_over_devices(model):  # placed by accelerate: Lightning must not move it
         module.metrics.to(input_device(model))
         with torch.inference_mode():
             dev = input_device(model)

@@ -242,6 +242,13 @@ def input_device(model: nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
+def cache_kwarg(model: nn.Module) -> str:
+    """Name of the forward argument that takes a key/value cache (``cache`` in newer transformers)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def spread_over_devices(model: nn.Module) -> bool:
     """True for a model placed over several devices by accelerate (``device_map``)."""
     dm = getattr(model, "hf_device_map", None)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from memit_pl.hooks import CallArgs, capture_args, edit_output, trace
+from memit_pl.models import cache_kwarg
 from memit_pl.spec import ModelSpec
 
 
@@ -187,7 +188,7 @@ def record_tail_cached(
     if start == 0:
         return record_tail(model, spec, layer, input_ids, attention_mask)
     cache = DynamicCache(config=model.config)
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_arg = cache_kwarg(model)
     # a left-padding column attends to nothing; some attention kernels answer NaN there, which the
     # next layer's keys and values would carry into real columns, so those columns are zeroed
     keep = mask[:, :start, None].bool()

@@ -78,7 +78,9 @@ class ZStoreWriter(BasePredictionWriter):
         trainer.strategy.barrier()
 
 
-def make_trainer(trainer_cfg: TrainerConfig, callbacks: list) -> L.Trainer:
+def make_trainer(trainer_cfg: TrainerConfig, callbacks: list, *, inference_mode: bool = False) -> L.Trainer:
+    """A Trainer for the stages' predict loops (no logger, checkpoints or summary); ``inference_mode``
+    off where a step needs autograd (z optimisation)."""
     return L.Trainer(
         accelerator=trainer_cfg.accelerator,
         devices=trainer_cfg.devices,
@@ -88,7 +90,7 @@ def make_trainer(trainer_cfg: TrainerConfig, callbacks: list) -> L.Trainer:
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
-        inference_mode=False,
+        inference_mode=inference_mode,
         callbacks=callbacks,
     )
 
