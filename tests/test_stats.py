@@ -127,13 +127,15 @@ def test_padding_positions_are_excluded(make_model, tok):
 
 @pytest.mark.multiprocess
 def test_two_processes_give_the_same_matrices_as_one(make_model, tok, text_file, tmp_path):
-    model = make_model("llama")
+    # float64 weights: the ranks batch other chunks together and may run other thread counts, and a float32
+    # forward differs by its rounding between those; the test is about the split and the merge.
+    model = make_model("llama").double()
     cfg = _cfg(text_file, n_samples=13, batch_size=2)  # odd: the ranks get 7 and 6 chunks
     one = layer_covariances(model, tok, [1, 2], cfg, cache_dir=tmp_path / "one", trainer=CPU)
     ddp = TrainerConfig(accelerator="cpu", devices=2, strategy="ddp_spawn", enable_progress_bar=False)
     two = layer_covariances(model, tok, [1, 2], cfg, cache_dir=tmp_path / "two", trainer=ddp)
     for layer in (1, 2):
-        torch.testing.assert_close(two[layer], one[layer], rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(two[layer], one[layer], rtol=1e-10, atol=1e-12)
     meta = io.load_tensors(stats_cache(model, tok, cfg, tmp_path / "two").layer_path(1))[1]
     assert meta["n_chunks"] == 13
 
