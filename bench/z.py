@@ -1,13 +1,15 @@
 """Batched z optimisation vs the serial per-edit reference loop, side by side in one run.
 
-    .venv/bin/python bench/z.py [--n 100] [--compare 32] [--batch 32] [--config configs/smollm2-135m.yaml]
+    .venv/bin/python bench/z.py [--n 100] [--compare N] [--plain 32] [--batch 32] [--config configs/smollm2-135m.yaml]
 
-For each batch of edits: the batched optimiser (one no-grad pass over the columns before the
-subject's last token, filling the key/value cache; one no-grad pass up to layer L; then only the
-blocks above L and only the columns from the edit on, each step; logits only where the loss reads
-them). For the first ``--compare`` edits also, side by side: the same optimiser without the
-prefix cache, and the edits one at a time with the reference algorithm (a full forward and backward
-pass every step). Same context prefixes, hyperparameters and steps. Writes bench/results/z.json.
+Ours is what `memit-pl z` runs: the edits ordered by their length after the subject (as
+``compute_zs`` orders them), in batches of ``--batch``; per batch one no-grad pass over the columns
+before the subject's last token (filling the key/value cache), one no-grad pass up to layer L, then
+each step only the blocks above L and only the columns from the edit on, logits only where the loss
+reads them. Interleaved with it, batch by batch, the reference algorithm on the same edits one at a
+time (a full forward and backward pass every step), for the first ``--compare`` edits (default: all).
+Once, for the first ``--plain`` edits: the batched optimiser without the prefix cache. Same context
+prefixes, hyperparameters and steps. Writes bench/results/z.json.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from memit_pl.edits import load_edits  # noqa: E402
 from memit_pl.models import load_model  # noqa: E402
 from memit_pl.spec import get_spec  # noqa: E402
 from memit_pl.z_reference import reference_z  # noqa: E402
-from memit_pl.zbatch import build_z_batch  # noqa: E402
+from memit_pl.zbatch import build_z_batch, by_live_length  # noqa: E402
 from memit_pl.zopt import optimize_z  # noqa: E402
 
 
@@ -57,8 +59,10 @@ def main() -> None:
     ap.add_argument("--edits", default=str(ROOT.parent / "shared/data/counterfact_known_dev.json"))
     ap.add_argument("--n", type=int, default=100, help="edits (the first n cases)")
     ap.add_argument("--batch", type=int, default=32, help="edits per batched optimisation")
-    ap.add_argument("--compare", type=int, default=32,
-                    help="edits (the first ones) also run without the prefix cache and by the serial reference")
+    ap.add_argument("--compare", type=int, default=None,
+                    help="edits (the first ones in file order) also optimised by the serial reference (default: all)")
+    ap.add_argument("--plain", type=int, default=32,
+                    help="edits (the first ones in optimisation order) also run without the prefix cache")
     ap.add_argument("--config", default=str(ROOT / "configs/smollm2-135m.yaml"))
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--out", default=str(ROOT / "bench/results/z.json"))
@@ -68,77 +72,82 @@ def main() -> None:
     model, tok = load_model(args.model, device="cpu")
     spec = get_spec(model)
     cfg = memit_from_yaml(Path(args.config))
+    cfg.z_prefix_cache = True
     requests = load_edits(args.edits, tokenizer=tok, limit=args.n)
     prefixes = context_prefixes(model, tok, cfg.context_templates, cfg.context_seeds, cfg.seed)
+    n_compare = len(requests) if args.compare is None else min(args.compare, len(requests))
+    compared_ids = {r.case_id for r in requests[:n_compare]}
+    ordered = by_live_length(tok, requests)
 
-    ours_total, cmp_ours, cmp_plain, base_s, ours_loss, base_loss, ours_steps, base_steps, rel = 0.0, 0.0, 0.0, [], [], [], [], [], []
-    cmp_loss, plain_loss, plain_rel = [], [], []
+    ours_s, ours = [], {}  # per batch seconds; case id -> (z, loss, steps)
+    base_s, base = [], {}  # per edit seconds; case id -> (z, loss, steps)
     before_frac = []
-    for i in range(0, len(requests), args.batch):
-        chunk = requests[i : i + args.batch]
+    for i in range(0, len(ordered), args.batch):
+        chunk = ordered[i : i + args.batch]
         t = time.perf_counter()
         batch = build_z_batch(tok, chunk, prefixes, cfg.essence_prompt)
-        cfg.z_prefix_cache = True
         res = optimize_z(model, spec, batch, cfg)
-        dt = time.perf_counter() - t
-        ours_total += dt
-        ours_loss += res.loss.tolist()
-        ours_steps += res.steps.tolist()
+        ours_s.append(time.perf_counter() - t)
+        for j, r in enumerate(chunk):
+            ours[r.case_id] = (res.z[j], float(res.loss[j]), int(res.steps[j]))
         lens = batch.attention_mask.sum(1).float()
         before_frac.append(float((batch.lookup.float() / lens).mean()))
-        compared = max(0, min(len(chunk), args.compare - i))
-        if compared == 0:
-            print(f"edits {i + len(chunk)}/{len(requests)}: ours {ours_total / (i + len(chunk)):.3f} s/edit", flush=True)
-            continue
-        sub = chunk[:compared]
-        if compared < len(chunk):  # time ours on exactly the compared edits
-            t = time.perf_counter()
-            res = optimize_z(model, spec, build_z_batch(tok, sub, prefixes, cfg.essence_prompt), cfg)
-            dt = time.perf_counter() - t
-        cmp_ours += dt
-        cmp_loss += res.loss.tolist()[:compared]
+        for r in chunk:
+            if r.case_id in compared_ids:
+                t = time.perf_counter()
+                base[r.case_id] = reference_z(model, tok, spec, r, prefixes, cfg)
+                base_s.append(time.perf_counter() - t)
+        done = i + len(chunk)
+        print(f"edits {done}/{len(ordered)}: ours {sum(ours_s) / done:.3f} s/edit; reference "
+              f"{statistics.fmean(base_s) if base_s else float('nan'):.3f} s/edit over {len(base_s)}", flush=True)
+
+    # The prefix cache's own share: the first --plain edits (in optimisation order) with and without it.
+    plain_reqs = ordered[: args.plain]
+    plain_rows = {}
+    if plain_reqs:
         cfg.z_prefix_cache = False
         t = time.perf_counter()
-        plain = optimize_z(model, spec, build_z_batch(tok, sub, prefixes, cfg.essence_prompt), cfg)
-        cmp_plain += time.perf_counter() - t
+        plain = optimize_z(model, spec, build_z_batch(tok, plain_reqs, prefixes, cfg.essence_prompt), cfg)
+        plain_total = time.perf_counter() - t
         cfg.z_prefix_cache = True
-        plain_loss += plain.loss.tolist()
-        plain_rel += ((res.z[:compared] - plain.z).norm(dim=-1) / plain.z.norm(dim=-1)).tolist()
-        for j, r in enumerate(sub):
-            t = time.perf_counter()
-            z, loss, steps = reference_z(model, tok, spec, r, prefixes, cfg)
-            base_s.append(time.perf_counter() - t)
-            base_loss.append(loss)
-            base_steps.append(steps)
-            rel.append(float((res.z[j] - z).norm() / z.norm()))
-        print(f"edits {i + len(chunk)}/{len(requests)}: ours {ours_total / (i + len(chunk)):.3f} s/edit; compared "
-              f"{len(base_s)}: ours {cmp_ours / len(base_s):.3f}, no prefix cache {cmp_plain / len(base_s):.3f}, "
-              f"reference {statistics.fmean(base_s):.3f} s/edit", flush=True)
+        t = time.perf_counter()
+        cached = optimize_z(model, spec, build_z_batch(tok, plain_reqs, prefixes, cfg.essence_prompt), cfg)
+        cached_total = time.perf_counter() - t
+        plain_rows = {
+            "n_plain": len(plain_reqs),
+            "ours_no_prefix_cache_s_per_edit": round(plain_total / len(plain_reqs), 4),
+            "ours_same_edits_s_per_edit": round(cached_total / len(plain_reqs), 4),
+            "ratio_prefix_cache": round(plain_total / cached_total, 2),
+            "ours_no_prefix_cache_mean_loss": round(float(plain.loss.mean()), 4),
+            "max_rel_z_diff_prefix_cache_vs_not": round(float(((cached.z - plain.z).norm(dim=-1) / plain.z.norm(dim=-1)).max()), 7),
+        }
 
-    prof = profile_batch(model, spec, build_z_batch(tok, requests[: args.batch], prefixes, cfg.essence_prompt), cfg)
-    n_cmp = len(base_s)
-    ours, plain_s, base = cmp_ours / n_cmp, cmp_plain / n_cmp, statistics.fmean(base_s)
+    prof = profile_batch(model, spec, build_z_batch(tok, ordered[: args.batch], prefixes, cfg.essence_prompt), cfg)
+    ids = sorted(base, key=lambda c: [r.case_id for r in requests].index(c))
+    rel = [float((ours[c][0] - base[c][0]).norm() / base[c][0].norm()) for c in ids]
+    ours_per_edit = sum(ours_s) / len(ordered)
+    base_per_edit = statistics.fmean(base_s)
     result = {
         "model": args.model,
         "n_edits": len(requests),
-        "n_compared": n_cmp,
+        "n_compared": len(ids),
         "batch_size": args.batch,
-        "ours_s_per_edit": round(ours, 4),
-        "baseline_s_per_edit": round(base, 4),
-        "ratio": round(base / ours, 2),
-        "ours_mean_loss": round(statistics.fmean(cmp_loss), 4),
-        "baseline_mean_loss": round(statistics.fmean(base_loss), 4),
-        "ours_no_prefix_cache_s_per_edit": round(plain_s, 4),
-        "ours_no_prefix_cache_mean_loss": round(statistics.fmean(plain_loss), 4),
-        "ratio_prefix_cache": round(plain_s / ours, 2),
-        "max_rel_z_diff_prefix_cache_vs_not": round(max(plain_rel), 7),
-        "ours_all_s_per_edit": round(ours_total / len(requests), 4),
-        "ours_all_mean_loss": round(statistics.fmean(ours_loss), 4),
-        "ours_mean_steps": round(statistics.fmean(ours_steps[:n_cmp]), 2),
-        "baseline_mean_steps": round(statistics.fmean(base_steps), 2),
-        "same_steps_fraction": round(sum(a == b for a, b in zip(ours_steps[:n_cmp], base_steps)) / n_cmp, 3),
-        "median_rel_z_diff": round(statistics.median(rel), 6),
-        "max_rel_z_diff": round(max(rel), 6),
+        "ours_s_per_edit": round(ours_per_edit, 4),
+        "baseline_s_per_edit": round(base_per_edit, 4),
+        "ratio": round(base_per_edit / ours_per_edit, 2),
+        "ours_mean_loss": round(statistics.fmean(ours[c][1] for c in ids), 4),
+        "baseline_mean_loss": round(statistics.fmean(base[c][1] for c in ids), 4),
+        "ours_all_mean_loss": round(statistics.fmean(v[1] for v in ours.values()), 4),
+        "ours_batch_s_median": round(statistics.median(ours_s), 2),
+        "ours_batch_s_per_edit_median": round(statistics.median(
+            t / len(ordered[i * args.batch : (i + 1) * args.batch]) for i, t in enumerate(ours_s)), 4),
+        "baseline_s_per_edit_median": round(statistics.median(base_s), 4),
+        "ours_mean_steps": round(statistics.fmean(ours[c][2] for c in ids), 2),
+        "baseline_mean_steps": round(statistics.fmean(base[c][2] for c in ids), 2),
+        "same_steps_fraction": round(sum(ours[c][2] == base[c][2] for c in ids) / len(ids), 3),
+        "median_rel_z_diff": round(statistics.median(rel), 7),
+        "max_rel_z_diff": round(max(rel), 7),
+        **plain_rows,
         "fraction_of_positions_before_edit": round(statistics.fmean(before_frac), 3),
         "profile_top_ops": prof,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
