@@ -28,7 +28,7 @@ from memit_pl.delta import EditDelta, add_to_weight
 from memit_pl.edits import EditRequest
 from memit_pl.hooks import trace
 from memit_pl.models import input_device, spread_over_devices
-from memit_pl.solve import solve_update, spread_residual
+from memit_pl.solve import solve_update, spread_residual, through_post_norm
 from memit_pl.spec import ModelSpec, get_spec
 from memit_pl.tokens import tokenize_with_subject
 from memit_pl.zstore import ZStore
@@ -96,8 +96,10 @@ class KeyCollate:
 
 
 @torch.no_grad()
-def keys_and_h(model: nn.Module, spec: ModelSpec, batch: KeyBatch, layer: int, target_layer: int) -> tuple[Tensor, Tensor]:
+def keys_and_h(model: nn.Module, spec: ModelSpec, batch: KeyBatch, layer: int, target_layer: int,
+               mlp_out: bool = False) -> tuple[Tensor, ...]:
     """(k [n_edits, d_key], h^L [n_edits, d_model]) for one batch; the pass stops after block L.
+    With ``mlp_out``, also the output projection's output W k [n_edits, d_model], averaged as k.
 
     Keys are averaged within each context-prefix group, then over groups (as the reference's
     ``compute_ks``); h^L is read on the bare prompt.
@@ -106,15 +108,22 @@ def keys_and_h(model: nn.Module, spec: ModelSpec, batch: KeyBatch, layer: int, t
     with trace(model, [key_name, h_name], inputs=True, outputs=True, stop=True) as tr:
         model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     rows = torch.arange(batch.input_ids.shape[0])
-    k_rows = tr[key_name].input[rows, batch.lookup.to(tr[key_name].input.device)].float()
+    lookup = batch.lookup.to(tr[key_name].input.device)
     h_out = tr[h_name].output
     h = h_out[batch.init_rows.to(h_out.device), batch.lookup[batch.init_rows].to(h_out.device)].float()
+    keys = _edit_means(batch, tr[key_name].input[rows, lookup].float())
+    if not mlp_out:
+        return keys, h.cpu()
+    return keys, h.cpu(), _edit_means(batch, tr[key_name].output[rows, lookup].float())
+
+
+def _edit_means(batch: KeyBatch, per_row: Tensor) -> Tensor:
+    """[n_rows, d] -> [n_edits, d]: the mean within each context-prefix group, then over the groups."""
     n, n_groups = batch.n_edits, int(batch.group_of_row.max()) + 1
-    cell = (batch.edit_of_row * n_groups + batch.group_of_row).to(k_rows.device)
-    sums = torch.zeros(n * n_groups, k_rows.shape[1], device=k_rows.device).index_add(0, cell, k_rows)
-    counts = torch.zeros(n * n_groups, device=k_rows.device).index_add(0, cell, torch.ones(len(cell), device=k_rows.device))
-    group_means = (sums / counts.clamp(min=1).unsqueeze(1)).view(n, n_groups, -1)
-    return group_means.mean(1).cpu(), h.cpu()
+    cell = (batch.edit_of_row * n_groups + batch.group_of_row).to(per_row.device)
+    sums = torch.zeros(n * n_groups, per_row.shape[1], device=per_row.device).index_add(0, cell, per_row)
+    counts = torch.zeros(n * n_groups, device=per_row.device).index_add(0, cell, torch.ones(len(cell), device=per_row.device))
+    return (sums / counts.clamp(min=1).unsqueeze(1)).view(n, n_groups, -1).mean(1).cpu()
 
 
 class ApplyModule(L.LightningModule):
@@ -132,18 +141,22 @@ class ApplyModule(L.LightningModule):
         return batch.to(device)
 
     def predict_step(self, batch: KeyBatch, batch_idx: int) -> dict:
-        keys, h = keys_and_h(self.model, self.spec, batch, self.layer, self.target_layer)
-        return {"case_ids": batch.case_ids, "keys": keys, "h": h}
+        if self.spec.mlp_post_norm is None:
+            keys, h = keys_and_h(self.model, self.spec, batch, self.layer, self.target_layer)
+            return {"case_ids": batch.case_ids, "keys": keys, "h": h}
+        keys, h, m = keys_and_h(self.model, self.spec, batch, self.layer, self.target_layer, mlp_out=True)
+        return {"case_ids": batch.case_ids, "keys": keys, "h": h, "m": m}
 
 
-def _gather(trainer: L.Trainer | None, outputs: list[dict]) -> dict[str, tuple[Tensor, Tensor]]:
-    """case id -> (key, h), from every rank (a distributed sampler may repeat cases)."""
-    local = [(c, o["keys"][i], o["h"][i]) for o in outputs for i, c in enumerate(o["case_ids"])]
+def _gather(trainer: L.Trainer | None, outputs: list[dict]) -> dict[str, tuple[Tensor, Tensor, Tensor | None]]:
+    """case id -> (key, h, W k or None), from every rank (a distributed sampler may repeat cases)."""
+    local = [(c, o["keys"][i], o["h"][i], o["m"][i] if "m" in o else None)
+             for o in outputs for i, c in enumerate(o["case_ids"])]
     if trainer is not None and trainer.world_size > 1 and torch.distributed.is_initialized():
         everyone: list = [None] * trainer.world_size
         torch.distributed.all_gather_object(everyone, local)
         local = [x for part in everyone for x in part]
-    return {c: (k, h) for c, k, h in local}
+    return {c: (k, h, m) for c, k, h, m in local}
 
 
 class LayerUpdate(Callback):
@@ -176,6 +189,11 @@ class LayerUpdate(Callback):
         layer = module.layer
         weight = module.spec.out_weight(module.model, layer)
         resid = spread_residual(self.z.to(h.dtype), h, self.layers_left)
+        if module.spec.mlp_post_norm is not None:  # the stream gets norm(W k): target W k through the norm
+            m = torch.stack([got[c][2] for c in self.case_ids])
+            norm = module.spec.module(module.model, "mlp_post_norm", layer)
+            dev = next(norm.parameters()).device
+            resid = through_post_norm(norm, m.to(dev), resid.to(dev)).cpu()
         a, b = solve_update(keys.to(weight.device), resid.to(weight.device), self.covs[layer].to(weight.device),
                             self.lam, self.prev_keys.get(layer))
         add_to_weight(module.spec, module.model, layer, a @ b.T)

@@ -34,10 +34,16 @@ class ModelSpec:
     """True when ``mlp_out.weight`` is stored [d_key, d_model] (GPT-2 ``Conv1D``)."""
     n_layer_attr: str = "num_hidden_layers"
     """Config attribute holding the number of blocks."""
+    mlp_post_norm: str | None = None
+    """A norm between the MLP's output and the residual stream (Gemma 2/3's ``post_feedforward_layernorm``),
+    or None. With one, the residual stream receives norm(W k), not W k: the update's targets are mapped
+    through the norm's inverse (:func:`memit_pl.solve.through_post_norm`)."""
 
     def name(self, what: str, layer: int | None = None) -> str:
         """The module path of ``what`` (a field name) at ``layer``."""
         template = getattr(self, what)
+        if template is None:
+            raise ValueError(f"{self.family} has no {what}")
         return template.format(layer) if "{}" in template else template
 
     def module(self, model: nn.Module, what: str, layer: int | None = None) -> nn.Module:
@@ -106,7 +112,7 @@ SPECS: dict[str, ModelSpec] = {
     "llama": ModelSpec(family="llama", **_DECODER),
     "mistral": ModelSpec(family="mistral", **_DECODER),
     "qwen2": ModelSpec(family="qwen2", **_DECODER),
-    "gemma3_text": ModelSpec(family="gemma3_text", **_DECODER),
+    "gemma3_text": ModelSpec(family="gemma3_text", mlp_post_norm="model.layers.{}.post_feedforward_layernorm", **_DECODER),
 }
 
 

@@ -1,6 +1,6 @@
 import torch
 
-from memit_pl.solve import solve_update, spread_residual
+from memit_pl.solve import solve_update, spread_residual, through_post_norm
 
 
 def _rand(*shape, seed=0):
@@ -47,3 +47,43 @@ def test_previous_keys_are_preserved():
 def test_spread_residual():
     z, h = torch.ones(2, 3) * 5, torch.ones(2, 3)
     torch.testing.assert_close(spread_residual(z, h, 4), torch.ones(2, 3))
+
+
+@torch.no_grad()
+def _gemma_norm(d, seed=0, scale=1.0):
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    norm = Gemma3RMSNorm(d, eps=1e-6).double()
+    with torch.no_grad():
+        norm.weight.copy_(scale * _rand(d, seed=seed))  # gain 1 + w (scale 1: some channels near 0 or negative)
+    return norm
+
+
+@torch.no_grad()
+def test_through_post_norm_reaches_a_reachable_target_exactly():
+    """norm(m + Δ) = y* when y* is an output the norm can give (rms(y*/g) = 1); m's scale is kept."""
+    d, n = 16, 3
+    norm = _gemma_norm(d, seed=9)
+    m, u = 5 * _rand(n, d, seed=10), _rand(n, d, seed=11)
+    gain = 1 + norm.weight
+    y_star = gain * u / u.pow(2).mean(-1, keepdim=True).sqrt()
+    resid = y_star - norm(m)
+    step = through_post_norm(norm, m, resid)
+    # Gemma's RMSNorm computes in float32 (and adds eps): float32 tolerances
+    torch.testing.assert_close(norm(m + step), y_star, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close((m + step).pow(2).mean(-1), m.pow(2).mean(-1))
+    assert float((norm(m + resid) - y_star).norm()) > 1.0  # adding the target unmapped misses it
+
+
+@torch.no_grad()
+def test_through_post_norm_small_step_moves_the_output_by_it_less_its_radial_part():
+    d = 32
+    norm = _gemma_norm(d, seed=12, scale=0.3)  # gains away from 0: the first-order picture holds
+    m = _rand(2, d, seed=13)
+    y = norm(m)
+    r = 1e-3 * _rand(2, d, seed=14)
+    step = through_post_norm(norm, m, r)
+    gain = 1 + norm.weight
+    radial = y * ((y / gain) * (r / gain)).mean(-1, keepdim=True)  # the part of r the norm cannot express
+    assert float(radial.abs().max()) > 1e-4  # a part large enough to tell apart
+    torch.testing.assert_close(norm(m + step) - y, r - radial, atol=1e-5, rtol=0)
