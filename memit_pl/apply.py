@@ -209,14 +209,34 @@ class LayerUpdate(Callback):
         rank_zero_info(f"layer {layer}: ‖Δ‖={float((a @ b.T).norm()):.4f}, mean ‖z−h^L‖={float((self.z - h).norm(dim=-1).mean()):.4f}")
 
 
+POST_NORM_NAMES = ("post_feedforward_layernorm", "post_mlp_layernorm", "post_mlp_norm")
+
+
+def _check_post_norm(model: nn.Module, spec: ModelSpec) -> None:
+    """A block with a norm after its MLP (as Gemma 2/3, OLMo 2) whose spec does not name it would get
+    targets it cannot reach (the update overshoots): refuse before any work."""
+    if spec.mlp_post_norm is not None:
+        return
+    block = spec.module(model, "block", 0)
+    found = [name for name, _ in block.named_children() if name in POST_NORM_NAMES]
+    if found:
+        raise ValueError(
+            f"{spec.family}: block 0 has {found[0]!r}, a norm between the MLP and the residual stream, but its "
+            f"ModelSpec has no mlp_post_norm; register the spec with mlp_post_norm='{spec.block}.{found[0]}'"
+        )
+
+
 def layer_file(out_dir: Path, layer: int) -> Path:
     return Path(out_dir) / LAYERS_DIR / f"layer{layer}.safetensors"
 
 
-def run_key(store: ZStore, memit: MemitConfig, cov_ids: dict[int, str], prev: list[str], case_ids: list[str]) -> str:
+def run_key(store: ZStore, memit: MemitConfig, cov_ids: dict[int, str], prev: list[str], case_ids: list[str],
+            post_norm: str | None = None) -> str:
     """What a layer's update depends on (for resuming from saved layer files)."""
     data = {"z": store.metadata.get("key"), "layers": memit.layers, "lam": memit.mom2_update_weight,
             "covs": cov_ids, "prev": prev, "cases": case_ids}
+    if post_norm is not None:
+        data["post_norm"] = post_norm
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -244,7 +264,8 @@ def apply_memit(
     z = store.z_for(case_ids).float()
     if store.layer != memit.target_layer:
         raise ValueError(f"the z store was made for layer {store.layer}, but max(memit.layers) = {memit.target_layer}")
-    key = run_key(store, memit, cov_ids or {}, prev_ids or [], case_ids)
+    _check_post_norm(model, spec)
+    key = run_key(store, memit, cov_ids or {}, prev_ids or [], case_ids, spec.mlp_post_norm)
     groups = prefix_groups(store.metadata["memit"]["context_templates"])
     loader = DataLoader(list(requests), batch_size=memit.z_batch_size, shuffle=False,
                         collate_fn=KeyCollate(tokenizer, store.metadata["prefixes"], groups))

@@ -90,15 +90,19 @@ def test_a_norm_after_the_mlp_is_inverted(edited, monkeypatch):
     """Gemma 3 normalises the MLP's output before adding it to the stream. With the targets mapped
     through the norm, h^L moves toward z (not all the way: a norm's output has a fixed size, so two
     layers cannot express the radial part of z − h^L); added unmapped, the update overshoots and h^L
-    ends further from z than it started."""
+    ends further from z than it started, which is why a spec that omits such a norm is refused."""
     *_, before, after = edited("gemma3_text", cfg=memit_cfg(mom2_update_weight=1e-3))
     assert float(after.mean()) < 0.5 * float(before.mean())
     import dataclasses
 
+    from memit_pl import apply as apply_module
     from memit_pl import spec as spec_module
 
     plain = dataclasses.replace(spec_module.SPECS["gemma3_text"], mlp_post_norm=None)
     monkeypatch.setitem(spec_module.SPECS, "gemma3_text", plain)
+    with pytest.raises(ValueError, match="post_feedforward_layernorm.*mlp_post_norm"):
+        edited("gemma3_text", cfg=memit_cfg(mom2_update_weight=1e-3), out="refused")
+    monkeypatch.setattr(apply_module, "_check_post_norm", lambda model, spec: None)
     *_, before, after = edited("gemma3_text", cfg=memit_cfg(mom2_update_weight=1e-3), out="unmapped")
     assert float(after.mean()) > 2 * float(before.mean())
 
