@@ -30,6 +30,7 @@ from memit_pl.hooks import trace
 from memit_pl.models import input_device, spread_over_devices
 from memit_pl.solve import solve_update, spread_residual, through_post_norm
 from memit_pl.spec import ModelSpec, get_spec
+from memit_pl.stats import output_rms
 from memit_pl.tokens import tokenize_with_subject
 from memit_pl.zstore import ZStore
 
@@ -189,11 +190,15 @@ class LayerUpdate(Callback):
         layer = module.layer
         weight = module.spec.out_weight(module.model, layer)
         resid = spread_residual(self.z.to(h.dtype), h, self.layers_left)
-        if module.spec.mlp_post_norm is not None:  # the stream gets norm(W k): target W k through the norm
+        if module.spec.mlp_post_norm is not None:
+            # the stream gets norm(W k): target W k through the norm, and weigh each edit by 1 / rms(W k)
+            # as the statistics weigh each corpus key (both terms of Eqn. 14 then in the stream's units)
             m = torch.stack([got[c][2] for c in self.case_ids])
             norm = module.spec.module(module.model, "mlp_post_norm", layer)
             dev = next(norm.parameters()).device
             resid = through_post_norm(norm, m.to(dev), resid.to(dev)).cpu()
+            scale = 1.0 / output_rms(m).unsqueeze(-1)
+            keys, resid = keys * scale, resid * scale
         a, b = solve_update(keys.to(weight.device), resid.to(weight.device), self.covs[layer].to(weight.device),
                             self.lam, self.prev_keys.get(layer))
         add_to_weight(module.spec, module.model, layer, a @ b.T)

@@ -108,9 +108,19 @@ class SecondMoment(Metric):
 # --- the Lightning stage ---------------------------------------------------------------------------
 
 
+def output_rms(out: Tensor) -> Tensor:
+    """rms over the last dimension, floored (a key's weight under a post-MLP norm is 1 / this)."""
+    return out.float().pow(2).mean(-1).sqrt().clamp(min=1e-6)
+
+
 class CovarianceModule(LightningModule):
     """One forward pass per batch, stopped after max(layers), fills every layer's :class:`SecondMoment`
-    with the input of ``spec.mlp_out`` at padding-free positions."""
+    with the input of ``spec.mlp_out`` at padding-free positions.
+
+    For a model with a norm after the MLP (``spec.mlp_post_norm``, Gemma 2/3) each key is divided by
+    rms(W k), the size of its MLP output before the norm: the stream sees a change Δ k there scaled by
+    about gain / rms(W k), so E[k kᵀ / rms(W k)²] measures the preservation error in the stream's units
+    (the apply stage scales the edits' keys and targets the same way)."""
 
     def __init__(self, model: nn.Module, layers: Sequence[int], dtype: str = "float32"):
         super().__init__()
@@ -121,6 +131,7 @@ class CovarianceModule(LightningModule):
         else:
             self.model = model
         spec = get_spec(model)
+        self.post_norm = spec.mlp_post_norm is not None
         self.layers = sorted(set(int(x) for x in layers))
         self.names = {spec.name("mlp_out", layer): layer for layer in self.layers}
         self.module_names = {layer: name for name, layer in self.names.items()}
@@ -134,8 +145,10 @@ class CovarianceModule(LightningModule):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> dict[int, Tensor]:
         """Keys [batch, pos, d_key] per layer, from one pass that stops after the deepest layer."""
-        with hooks.trace(self.model, self.names, inputs=True, outputs=False, stop=True) as rec:
+        with hooks.trace(self.model, self.names, inputs=True, outputs=self.post_norm, stop=True) as rec:
             hooks.forward(self.model, input_ids, attention_mask)
+        if self.post_norm:
+            return {layer: rec[name].input / output_rms(rec[name].output).unsqueeze(-1) for name, layer in self.names.items()}
         return {layer: rec[name].input for name, layer in self.names.items()}
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
@@ -190,10 +203,19 @@ class StatsKey:
     seq_len: int
     dtype: str
     seed: int
+    weighting: str = ""
+    """"" for E[k kᵀ]; "post_norm_rms" for E[k kᵀ / rms(W k)²] (a norm after the MLP, see CovarianceModule)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields, without an empty ``weighting`` (so plain statistics keep their names and files)."""
+        out = asdict(self)
+        if not out["weighting"]:
+            del out["weighting"]
+        return out
 
     def dirname(self) -> str:
         slug = "".join(c if c.isalnum() or c in "-." else "-" for c in self.corpus.split(":")[0])
-        h = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
+        h = hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:8]
         return f"{slug}_n{self.n_samples}_len{self.seq_len}_{self.dtype}_seed{self.seed}_{h}"
 
 
@@ -213,7 +235,7 @@ class StatsCache:
         return self.dir / f"layer{layer:03d}.safetensors"
 
     def _matches(self, meta: dict[str, Any], **extra: Any) -> bool:
-        want = {**asdict(self.key), "format": FORMAT, **extra}
+        want = {**self.key.as_dict(), "format": FORMAT, **extra}
         return all(meta.get(k) == v for k, v in want.items())
 
     def load(self, layer: int) -> Tensor | None:
@@ -232,7 +254,7 @@ class StatsCache:
     def save(self, layer: int, mom2: Tensor, n_tokens: int, n_chunks: int, module: str) -> Path:
         path = self.layer_path(layer)
         meta = {
-            **asdict(self.key),
+            **self.key.as_dict(),
             "format": FORMAT,
             "layer": layer,
             "module": module,
@@ -257,7 +279,7 @@ class StatsCache:
         for layer, (total, count) in states.items():
             tensors[f"total.{layer}"], tensors[f"count.{layer}"] = total, count
         meta = {
-            **asdict(self.key),
+            **self.key.as_dict(),
             "format": FORMAT,
             "layers": list(layers),
             "chunks": chunks,
@@ -429,6 +451,7 @@ def stats_cache(
         stats.seq_len,
         stats.dtype,
         stats.seed,
+        "post_norm_rms" if get_spec(model).mlp_post_norm is not None else "",
     )
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "stats"
     return StatsCache(root, key)

@@ -40,15 +40,18 @@ def _cfg(text_file, **kw) -> StatsConfig:
     return StatsConfig(**{**base, **kw})
 
 
-def _direct(model, tok, layer: int, cfg: StatsConfig) -> torch.Tensor:
-    """E[k kᵀ] of one layer: full forward passes (no early stop), float64, over the same chunks."""
+def _direct(model, tok, layer: int, cfg: StatsConfig, per_output_rms: bool = False) -> torch.Tensor:
+    """E[k kᵀ] of one layer: full forward passes (no early stop), float64, over the same chunks
+    (``per_output_rms``: E[k kᵀ / rms(W k)²])."""
     name = get_spec(model).name("mlp_out", layer)
     total, count = 0, 0
     dm = CorpusDataModule(tok, cfg.corpus, cfg.n_samples, cfg.seq_len, batch_size=5, seed=cfg.seed)
     for batch in dm.predict_dataloader():
-        with torch.no_grad(), hooks.trace(model, [name], inputs=True, outputs=False) as rec:
+        with torch.no_grad(), hooks.trace(model, [name], inputs=True, outputs=True) as rec:
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         keys = rec[name].input.double()
+        if per_output_rms:
+            keys = keys / rec[name].output.double().pow(2).mean(-1, keepdim=True).sqrt()
         m = batch["attention_mask"].bool()
         total = total + torch.einsum("bpi,bpj->ij", keys * m[..., None], keys)
         count += int(m.sum())
@@ -93,6 +96,17 @@ def test_one_pass_for_all_layers_equals_per_layer_passes(make_model, tok, text_f
         assert c.dtype == torch.float32 and c.device.type == "cpu" and c.shape == (64, 64)
         torch.testing.assert_close(c.double(), _direct(model, tok, layer, cfg), rtol=1e-5, atol=1e-7)
     assert not torch.allclose(covs[0], covs[3])
+
+
+def test_a_norm_after_the_mlp_weighs_each_key_by_its_output_size(make_model, tok, text_file, tmp_path):
+    """Gemma 3: E[k kᵀ / rms(W k)²], in a cache entry of its own."""
+    model = make_model("gemma3_text")
+    cfg = _cfg(text_file)
+    covs = layer_covariances(model, tok, [1], cfg, cache_dir=tmp_path / "stats", trainer=CPU)
+    torch.testing.assert_close(covs[1].double(), _direct(model, tok, 1, cfg, per_output_rms=True), rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(covs[1].double(), _direct(model, tok, 1, cfg), rtol=1e-2)
+    assert stats_cache(model, tok, cfg, tmp_path / "stats").key.weighting == "post_norm_rms"
+    assert stats_cache(make_model("llama"), tok, cfg, tmp_path / "stats").key.as_dict().get("weighting") is None
 
 
 def test_the_pass_stops_after_the_deepest_layer(make_model, tok):
