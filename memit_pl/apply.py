@@ -28,9 +28,8 @@ from memit_pl.delta import EditDelta, add_to_weight
 from memit_pl.edits import EditRequest
 from memit_pl.hooks import trace
 from memit_pl.models import input_device, spread_over_devices
-from memit_pl.solve import solve_update, spread_residual, through_post_norm
+from memit_pl.solve import output_rms, solve_update, spread_residual, through_post_norm
 from memit_pl.spec import ModelSpec, get_spec
-from memit_pl.stats import output_rms
 from memit_pl.tokens import tokenize_with_subject
 from memit_pl.zstore import ZStore
 
@@ -142,11 +141,10 @@ class ApplyModule(L.LightningModule):
         return batch.to(device)
 
     def predict_step(self, batch: KeyBatch, batch_idx: int) -> dict:
-        if self.spec.mlp_post_norm is None:
-            keys, h = keys_and_h(self.model, self.spec, batch, self.layer, self.target_layer)
-            return {"case_ids": batch.case_ids, "keys": keys, "h": h}
-        keys, h, m = keys_and_h(self.model, self.spec, batch, self.layer, self.target_layer, mlp_out=True)
-        return {"case_ids": batch.case_ids, "keys": keys, "h": h, "m": m}
+        """keys, h^L and, with a norm after the MLP, W k ("m")."""
+        out = keys_and_h(self.model, self.spec, batch, self.layer, self.target_layer,
+                         mlp_out=self.spec.mlp_post_norm is not None)
+        return {"case_ids": batch.case_ids, **dict(zip(("keys", "h", "m"), out))}
 
 
 def _gather(trainer: L.Trainer | None, outputs: list[dict]) -> dict[str, tuple[Tensor, Tensor, Tensor | None]]:

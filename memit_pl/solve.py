@@ -21,6 +21,11 @@ def spread_residual(z: Tensor, h: Tensor, layers_left: int) -> Tensor:
     return (z - h) / layers_left
 
 
+def output_rms(out: Tensor) -> Tensor:
+    """rms over the last dimension, floored (a key's weight under a post-MLP norm is 1 / this)."""
+    return out.float().pow(2).mean(-1).sqrt().clamp(min=1e-6)
+
+
 def through_post_norm(norm: torch.nn.Module, m: Tensor, resid: Tensor) -> Tensor:
     """The change of the MLP output projection's output that moves ``norm(m)`` by ``resid``, for a
     model whose residual stream receives ``norm(W k)`` (an RMSNorm after the MLP, as in Gemma 2/3).

@@ -32,6 +32,7 @@ from memit_pl import hooks, io
 from memit_pl.config import StatsConfig, TrainerConfig
 from memit_pl.corpus import CorpusDataModule, corpus_id, resolve_corpus
 from memit_pl.models import default_cache_dir, fingerprint, spread_over_devices
+from memit_pl.solve import output_rms
 from memit_pl.spec import get_spec
 
 log = logging.getLogger(__name__)
@@ -106,11 +107,6 @@ class SecondMoment(Metric):
 
 
 # --- the Lightning stage ---------------------------------------------------------------------------
-
-
-def output_rms(out: Tensor) -> Tensor:
-    """rms over the last dimension, floored (a key's weight under a post-MLP norm is 1 / this)."""
-    return out.float().pow(2).mean(-1).sqrt().clamp(min=1e-6)
 
 
 class CovarianceModule(LightningModule):

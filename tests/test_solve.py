@@ -49,7 +49,6 @@ def test_spread_residual():
     torch.testing.assert_close(spread_residual(z, h, 4), torch.ones(2, 3))
 
 
-@torch.no_grad()
 def _gemma_norm(d, seed=0, scale=1.0):
     from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 
