@@ -36,6 +36,45 @@ class ZResult:
         return {k: getattr(self, k).detach().cpu() for k in ("z", "h_norm", "delta_norm", "loss", "nll", "steps")}
 
 
+def _local(rows: Tensor, wanted: Tensor) -> Tensor:
+    """Where each of the batch rows ``wanted`` sits in ``rows``."""
+    where = torch.full((int(rows.max()) + 1,), -1, dtype=torch.long, device=rows.device)
+    where[rows] = torch.arange(len(rows), device=rows.device)
+    return where[wanted.to(rows.device)]
+
+
+@dataclass
+class _Rows:
+    """A group of the batch's rows with its own tail (layers 0..L run once, without grad)."""
+
+    tail: Tail
+    lookup: Tensor  # [rows] the tail column of each row's edit position
+    edit: Tensor  # [rows] the edit each row belongs to
+
+    @classmethod
+    def record(cls, model: nn.Module, spec: ModelSpec, cfg: MemitConfig, batch: ZBatch, rows: Tensor,
+               cut_after_lookup: bool) -> _Rows:
+        ids, mask, at = batch.input_ids[rows], batch.attention_mask[rows], batch.lookup[rows]
+        if cut_after_lookup:  # the rows end at their edit position (right padding after it)
+            width = int(at.max()) + 1
+            ids, mask = ids[:, :width], mask[:, :width] * (torch.arange(width, device=at.device) <= at[:, None])
+        if cfg.z_prefix_cache:
+            tail = record_tail_cached(model, spec, cfg.target_layer, ids, mask, at)
+        else:
+            tail = record_tail(model, spec, cfg.target_layer, ids, mask)
+        dev = tail.hidden.device
+        local = torch.arange(len(rows), device=dev)
+        return cls(tail, tail.col(local, at.to(dev)), batch.edit_of_row[rows].to(dev))
+
+    def run(self, model: nn.Module, delta: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
+        """The rows of the ``active`` edits with δ added at their edit position, through the blocks
+        above L and the final norm: (their indices in this group, [rows, cols, d_model])."""
+        rows = torch.isin(self.edit, active).nonzero().squeeze(-1)
+        h = scatter_add(self.tail.hidden.index_select(0, rows), torch.arange(len(rows), device=rows.device),
+                        self.lookup[rows], delta[self.edit[rows]])
+        return rows, self.tail.run(model, h, rows=rows)
+
+
 StepHook = Callable[[int, int, float], None]
 """Called after each step with (step, number of active edits, their mean loss)."""
 
@@ -45,28 +84,23 @@ def optimize_z(
 ) -> ZResult:
     """Optimise δ for every edit of ``batch`` jointly; each edit follows the reference algorithm
     (Adam, clamp after every step, early stop on its own loss) as if it were alone."""
-    layer = cfg.target_layer
-    if cfg.z_prefix_cache:
-        tail = record_tail_cached(model, spec, layer, batch.input_ids, batch.attention_mask, batch.lookup)
-    else:
-        tail = record_tail(model, spec, layer, batch.input_ids, batch.attention_mask)
+    # Two groups of rows, each with its own tail: the rewrite prompts, and the essence prompts cut
+    # after the subject's last token (the KL reads the logits there; later tokens cannot change them,
+    # so re-running them every step would be wasted work).
+    rw = _Rows.record(model, spec, cfg, batch, batch.rewrite_rows, cut_after_lookup=False)
+    es = _Rows.record(model, spec, cfg, batch, batch.essence_rows, cut_after_lookup=True)
     n = batch.n_edits
-    dev = tail.hidden.device
-    all_rows = torch.arange(batch.input_ids.shape[0], device=dev)
-    lookup = tail.col(all_rows, batch.lookup.to(dev))  # the subject's last token, as a column of the tail
-    edit_of_row = batch.edit_of_row.to(dev)
-    h_init = tail.hidden[batch.init_rows.to(dev), lookup[batch.init_rows.to(dev)]]
+    dev = rw.tail.hidden.device
+    init_local = _local(batch.rewrite_rows, batch.init_rows).to(dev)
+    h_init = rw.tail.hidden[init_local, rw.lookup[init_local]]
     h_init = h_init.to(torch.promote_types(h_init.dtype, torch.float32))  # [n_edits, d_model]
     h_norm = h_init.norm(dim=-1)
     max_norm = cfg.clamp_norm_factor * h_norm
 
     delta = torch.zeros_like(h_init, requires_grad=True)
     adam = RowAdam(delta, lr=cfg.v_lr)
-    # which rewrite-row slot each batch row has (-1 for essence rows)
-    slot = torch.full((batch.input_ids.shape[0],), -1, dtype=torch.long, device=dev)
-    slot[batch.rewrite_rows.to(dev)] = torch.arange(len(batch.rewrite_rows), device=dev)
-    is_essence = torch.zeros_like(slot, dtype=torch.bool)
-    is_essence[batch.essence_rows.to(dev)] = True
+    target_pos = batch.target_pos.to(dev)  # indexed like the rewrite rows
+    target_ids_all = batch.target_ids.to(dev)
 
     kl_init = None
     active = torch.arange(n, device=dev)
@@ -74,30 +108,22 @@ def optimize_z(
     final_nll = torch.zeros_like(final_loss)
     steps = torch.zeros(n, dtype=torch.long, device=dev)
     for it in range(cfg.v_num_grad_steps):
-        row_active = torch.isin(edit_of_row, active)
-        rows = row_active.nonzero().squeeze(-1)
-        h = scatter_add(
-            tail.hidden.index_select(0, rows), torch.arange(len(rows), device=dev), lookup[rows],
-            delta[edit_of_row[rows]],
-        )
-        normed = tail.run(model, h, rows=rows)  # [r, pos, d_model]
-
         # rewrite rows: logits at the positions predicting the target tokens
-        rw_local = (slot[rows] >= 0).nonzero().squeeze(-1)
-        rw_slot = slot[rows][rw_local]
-        tpos = tail.col(rows[rw_local], batch.target_pos.to(dev)[rw_slot])
-        tids = batch.target_ids.to(dev)[rw_slot]
+        rows, normed = rw.run(model, delta, active)
+        tpos = rw.tail.col(rows, target_pos[rows])
+        tids = target_ids_all[rows]
         real = tids != -100  # the LM head only at real target tokens, not at padding slots
-        at = normed[rw_local.unsqueeze(-1).expand_as(tpos)[real], tpos[real]]  # [targets, d_model]
+        at = normed[torch.arange(len(rows), device=dev).unsqueeze(-1).expand_as(tpos)[real], tpos[real]]
         log_probs = torch.log_softmax(Tail.logits(model, spec, at).to(h_init.dtype), dim=-1)
         nll = mean_per_edit(target_nll_flat(log_probs, tids[real].to(log_probs.device), real).to(dev),
-                            edit_of_row[rows][rw_local], n)
+                            rw.edit[rows], n)
 
         # essence rows: next-token distribution at the subject's last token
-        es_local = is_essence[rows].nonzero().squeeze(-1)
-        es_edit = edit_of_row[rows][es_local]
+        rows, normed = es.run(model, delta, active)
+        es_edit = es.edit[rows]
         es_logp = torch.log_softmax(
-            Tail.logits(model, spec, normed[es_local, lookup[rows][es_local]]).to(h_init.dtype), dim=-1
+            Tail.logits(model, spec, normed[torch.arange(len(rows), device=dev), es.lookup[rows]]).to(h_init.dtype),
+            dim=-1,
         )
         if kl_init is None:
             kl_init = torch.zeros(n, es_logp.shape[-1], device=es_logp.device, dtype=es_logp.dtype)
