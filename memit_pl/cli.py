@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("memit_pl.commands.sweep", "the scaling experiment: metrics against the number of edits"),
     "trace": ("memit_pl.commands.trace", "causal tracing: find the critical MLP layers"),
     "tune": ("memit_pl.commands.tune", "choose λ and the edited layers by measurement"),
+    "spread": ("memit_pl.commands.spread", "does a change at each edited layer reach the target layer unchanged?"),
 }
 
 
