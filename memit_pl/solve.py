@@ -26,15 +26,19 @@ def output_rms(out: Tensor) -> Tensor:
     return out.float().pow(2).mean(-1).sqrt().clamp(min=1e-6)
 
 
-def through_post_norm(norm: torch.nn.Module, m: Tensor, resid: Tensor) -> Tensor:
-    """The change of the MLP output projection's output that moves ``norm(m)`` by ``resid``, for a
-    model whose residual stream receives ``norm(W k)`` (an RMSNorm after the MLP, as in Gemma 2/3).
+def through_post_norm(norm: torch.nn.Module, m: Tensor, resid: Tensor, iters: int = 200) -> Tensor:
+    """The change of the MLP output projection's output that moves ``norm(m)`` as close as the norm
+    allows to ``norm(m) + resid``, for a model whose residual stream receives ``norm(W k)`` (an RMSNorm
+    after the MLP, as in Gemma 2/3).
 
-    An RMSNorm is g ⊙ x / rms(x): scale-invariant, so its outputs all have rms(y / g) = 1 and the
-    reachable y nearest the target y* = norm(m) + resid (in the g-weighted sense) is norm(y* / g).
-    The raw target keeps m's scale: m* = (y* / g) · rms(m) / rms(y* / g); returns m* − m. For a
-    small ``resid`` this moves the output by ``resid`` less its radial part; the ascending-layer
-    update re-measures h^L after every layer, so what one layer misses the next ones take up.
+    An RMSNorm is g ⊙ x / rms(x): its outputs are g ⊙ u with rms(u) = 1. The nearest of them to the
+    target y* = norm(m) + resid, in the stream's own (unweighted) metric, solves
+    min ‖g ⊙ u − y*‖² s.t. ‖u‖² = d, i.e. u = g ⊙ y* / (g² + μ) with the multiplier μ > −min g² that puts
+    u on the sphere (found by bisection; φ(μ) = ‖u(μ)‖² decreases in μ there). Inverting the gain
+    instead (u ∝ y* / g) asks channels whose gain is near 0 for huge changes: Gemma-3-270M's layer 4 has
+    gains down to 0.002, and that inversion rotated the whole output instead of moving it by ``resid``.
+    The raw target keeps m's scale: m* = u · rms(m); returns m* − m. What one layer cannot reach the
+    ascending-layer update leaves to the next ones (it re-measures h^L after every layer).
 
     Args:
         norm: the post-MLP norm module (called on vectors of width d_model).
@@ -44,17 +48,27 @@ def through_post_norm(norm: torch.nn.Module, m: Tensor, resid: Tensor) -> Tensor
         [n_edits, d_model], in ``m``'s dtype.
     """
     with torch.no_grad():
-        probe = torch.ones(1, m.shape[-1], device=m.device, dtype=next(norm.parameters()).dtype)
+        d = m.shape[-1]
+        probe = torch.ones(1, d, device=m.device, dtype=next(norm.parameters()).dtype)
         gain = norm(probe)[0].to(torch.float64)  # rms(1) = 1: the norm's effective per-channel gain
-        gain = torch.where(gain.abs() < 1e-6, torch.full_like(gain, 1e-6), gain)
         m64 = m.to(torch.float64)
-        y = norm(m.to(probe.dtype)).to(torch.float64)
-        want = (y + resid.to(torch.float64)) / gain
+        y_star = norm(m.to(probe.dtype)).to(torch.float64) + resid.to(torch.float64)
+        g2, b = gain.pow(2), gain * y_star  # [d], [n, d]
 
-        def rms(x: Tensor) -> Tensor:
-            return x.pow(2).mean(-1, keepdim=True).sqrt()
+        def sq_norm(mu: Tensor) -> Tensor:
+            return (b / (g2 + mu.unsqueeze(-1))).pow(2).sum(-1)
 
-        target = want * rms(m64) / rms(want).clamp(min=1e-12)
+        g2_min = float(g2.min())
+        lo = torch.full((m.shape[0],), -g2_min, dtype=torch.float64, device=m.device)
+        lo = lo + 1e-12 * max(1.0, float(g2.max()))
+        hi = b.norm(dim=-1) / d**0.5 - g2_min + 1.0  # φ(hi) <= ‖b‖² / (hi + g2_min)² < d
+        for _ in range(iters):
+            mid = (lo + hi) / 2
+            above = sq_norm(mid) > d
+            lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+        u = b / (g2 + hi.unsqueeze(-1))
+        u = u * (d**0.5 / u.norm(dim=-1, keepdim=True).clamp(min=1e-300))  # exactly on the sphere
+        target = u * m64.pow(2).mean(-1, keepdim=True).sqrt()
         return (target - m64).to(m.dtype)
 
 

@@ -75,14 +75,40 @@ def test_through_post_norm_reaches_a_reachable_target_exactly():
 
 
 @torch.no_grad()
-def test_through_post_norm_small_step_moves_the_output_by_it_less_its_radial_part():
-    d = 32
-    norm = _gemma_norm(d, seed=12, scale=0.3)  # gains away from 0: the first-order picture holds
-    m = _rand(2, d, seed=13)
-    y = norm(m)
-    r = 1e-3 * _rand(2, d, seed=14)
+def test_through_post_norm_finds_the_nearest_output_the_norm_can_give():
+    """For an unreachable target, no rms-preserving change of m puts norm(m + Δ) nearer to the target
+    than ours (checked against random points near it and across the sphere)."""
+    d, n = 24, 3
+    norm = _gemma_norm(d, seed=12)
+    m = _rand(n, d, seed=13)
+    r = 3 * _rand(n, d, seed=14)
     step = through_post_norm(norm, m, r)
-    gain = 1 + norm.weight
-    radial = y * ((y / gain) * (r / gain)).mean(-1, keepdim=True)  # the part of r the norm cannot express
-    assert float(radial.abs().max()) > 1e-4  # a part large enough to tell apart
-    torch.testing.assert_close(norm(m + step) - y, r - radial, atol=1e-5, rtol=0)
+    target = norm(m) + r
+    ours = (norm(m + step) - target).norm(dim=-1)
+    torch.testing.assert_close((m + step).pow(2).mean(-1), m.pow(2).mean(-1))
+    gen = torch.Generator().manual_seed(0)
+    for scale in (1e-3, 1e-1, 10.0):
+        other = (m + step).unsqueeze(1) + scale * torch.randn(n, 200, d, generator=gen, dtype=torch.float64)
+        err = (norm(other) - target.unsqueeze(1)).norm(dim=-1)  # norm() is scale-invariant: any point is an output
+        assert torch.all(err >= ours.unsqueeze(1) - 1e-6)
+
+
+@torch.no_grad()
+def test_through_post_norm_ignores_channels_the_norm_cannot_drive():
+    """Gains near 0 (Gemma-3-270M has 0.002): inverting the gain asks those channels for huge changes
+    and lands farther from the target than not moving at all; the constrained step moves towards it."""
+    d, n = 32, 4
+    norm = _gemma_norm(d, seed=15, scale=0.3)
+    with torch.no_grad():
+        norm.weight[:3] = -1 + 1e-3  # three channels with gain 0.001
+    m = _rand(n, d, seed=16)
+    y = norm(m)
+    r = 0.3 * y.norm(dim=-1, keepdim=True) * _rand(n, d, seed=17) / d**0.5
+    target = y + r
+    gain = 1 + norm.weight.double()
+    inverse = (target / gain) * m.pow(2).mean(-1, keepdim=True).sqrt() / (target / gain).pow(2).mean(-1, keepdim=True).sqrt() - m
+    step = through_post_norm(norm, m, r)
+    err = lambda x: (norm(m + x) - target).norm(dim=-1)  # noqa: E731
+    assert torch.all(err(step) < err(torch.zeros_like(m)))
+    assert torch.all(err(inverse) > err(torch.zeros_like(m)))
+    assert torch.all(step.norm(dim=-1) < inverse.norm(dim=-1))
