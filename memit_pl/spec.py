@@ -36,8 +36,8 @@ class ModelSpec:
     """Config attribute holding the number of blocks."""
     mlp_post_norm: str | None = None
     """A norm between the MLP's output and the residual stream (Gemma 2/3's ``post_feedforward_layernorm``),
-    or None. With one, the residual stream receives norm(W k), not W k: the update's targets are mapped
-    through the norm's inverse (:func:`memit_pl.solve.through_post_norm`)."""
+    or None. With one, the residual stream receives norm(W k), not W k: each update target becomes the
+    nearest output the norm can give (:func:`memit_pl.solve.through_post_norm`)."""
 
     def name(self, what: str, layer: int | None = None) -> str:
         """The module path of ``what`` (a field name) at ``layer``."""
