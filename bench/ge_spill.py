@@ -10,40 +10,22 @@ model's figures on the same half say how much of the damage reaches unrelated te
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
-import yaml
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from tune_split import parser, setup  # noqa: E402
 
-from memit_pl.config import EvalConfig, MemitConfig, StatsConfig, TrainerConfig  # noqa: E402
-from memit_pl.edits import load_edits  # noqa: E402
-from memit_pl.models import load_model  # noqa: E402
-from memit_pl.sweep import Editor, row, with_layers  # noqa: E402
-from memit_pl.tune import split  # noqa: E402
+from memit_pl.sweep import row, with_layers  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--z_dir", required=True)
+    ap = parser(__doc__, "ge_spill")
     ap.add_argument("--lam", type=float, default=1000.0)
-    ap.add_argument("--edits", default=str(ROOT.parent / "shared/data/counterfact_known_dev.json"))
-    ap.add_argument("--config", default=str(ROOT / "configs/smollm2-135m.yaml"))
-    ap.add_argument("--work", default="runs/ge_spill")
-    ap.add_argument("--out", default=str(ROOT / "bench/results/ge_spill.json"))
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    c = yaml.safe_load(Path(args.config).read_text())
-    memit = MemitConfig(**c["memit"])
-    model, tok = load_model(c["model"]["name"], device="cpu")
-    tune_part, held = split(load_edits(args.edits, tokenizer=tok), 0.5, 0)
-    ed = Editor(model, tok, StatsConfig(**c["stats"]), Path(args.work), trainer=TrainerConfig(enable_progress_bar=False),
-                eval_cfg=EvalConfig(batch_size=256, generation_length=50, max_generation_prompts=2), z_dir=args.z_dir)
+    memit, ed, tune_part, held = setup(args)
     unedited = row(len(held), ed.evaluate(held))
     store = ed.zs(tune_part, memit)
     edited = row(len(held), ed.edited_evaluation(tune_part, store, with_layers(memit, memit.layers, args.lam), "spill",
