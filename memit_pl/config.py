@@ -126,6 +126,17 @@ class EvalConfig:
     """New tokens per generation prompt (Generation Entropy)."""
     max_generation_prompts: int = 2
     """Generation prompts used per case (0 disables Generation Entropy)."""
+    generation_top_k: int = 5
+    """Generation Entropy's texts are sampled from the top k tokens at each step, as the reference's
+    ``generate_fast`` (k = 5); 1 is greedy decoding."""
+    generation_seed: int = 0
+    """Seed of that sampling (each prompt draws from its own generator, seeded by this and its text)."""
+
+    def __post_init__(self) -> None:
+        if self.generation_top_k < 1:
+            raise ValueError(f"eval.generation_top_k must be >= 1 (1 is greedy), got {self.generation_top_k}")
+        if self.generation_length < 0 or self.max_generation_prompts < 0:
+            raise ValueError("eval.generation_length and eval.max_generation_prompts must be >= 0")
 
 
 SECTIONS = {

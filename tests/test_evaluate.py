@@ -4,6 +4,7 @@ and its Generation Entropy / zsRE accuracy match hand computations; reports and 
 import json
 import math
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from memit_pl.config import EvalConfig
 from memit_pl.delta import EditDelta, apply_delta, save_delta
 from memit_pl.edits import EditRequest, target_ids
 from memit_pl.eval_report import aggregate, relation_breakdown, write_reports
-from memit_pl.evaluate import METRICS, evaluate_requests, generate_greedy
+from memit_pl.evaluate import METRICS, evaluate_requests, generate, generate_greedy, generate_ids
 from memit_pl.metrics.functional import tfidf_cosine
 from memit_pl.spec import get_spec
 
@@ -131,7 +132,7 @@ def test_zsre_accuracy_by_hand(make_model, tok):
 def test_generation_entropy_against_a_hand_count(make_model, tok):
     model = make_model("llama")
     reqs = cf_requests()
-    res = evaluate_requests(model, tok, reqs, CFG)
+    res = evaluate_requests(model, tok, reqs, replace(CFG, generation_top_k=1))
     case = res["cases"][0]
     assert len(case["generations"]) == 2  # max_generation_prompts
     for prompt, text in zip(reqs[0].generation_prompts, case["generations"]):
@@ -161,7 +162,7 @@ def test_generation_entropy_hand_count_on_fixed_text(make_model, tok, monkeypatc
     import memit_pl.evaluate as ev
 
     fixed = ["x y x y x", "x y z"]  # H2: 1 and 1 bit; H3: h(2/3, 1/3) and 0
-    monkeypatch.setattr(ev, "generate_greedy", lambda model, tok, prompts, n: fixed[: len(prompts)])
+    monkeypatch.setattr(ev, "generate", lambda model, tok, prompts, n, top_k, seed: fixed[: len(prompts)])
     r = cf_requests()[0]
     res = evaluate_requests(make_model("llama"), tok, [r], CFG)
     h3 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
@@ -175,6 +176,31 @@ def test_generate_greedy_batched_equals_single(make_model, tok):
     prompts = ["The capital of France is", "Mozart", "Therefore, because I think you are right, the"]
     batched = generate_greedy(model, tok, prompts, 5)
     assert batched == [generate_greedy(model, tok, [p], 5)[0] for p in prompts]
+
+
+def test_sampled_generation_is_per_prompt_deterministic_and_top_k(make_model, tok):
+    """Sampling (the reference's top-k 5) gives each prompt the same text alone or in any batch, changes
+    with the seed, and only ever picks one of the k most likely next tokens."""
+    model = make_model("gpt2")
+    prompts = ["The capital of France is", "Mozart", "Therefore, because I think you are right, the"]
+    batched = generate(model, tok, prompts, 6, top_k=5, seed=0)
+    assert batched == [generate(model, tok, [p], 6, top_k=5, seed=0)[0] for p in reversed(prompts)][::-1]
+    assert generate(model, tok, prompts, 6, top_k=5, seed=1) != batched
+    assert generate(model, tok, prompts, 6, top_k=1) == generate_greedy(model, tok, prompts, 6)
+    # every sampled token is among the top 5 given its prefix, and the draws are not all the argmax
+    ids = tok(prompts[1])["input_ids"]
+    non_greedy = 0
+    for seed in range(4):
+        full = ids + generate_ids(model, tok, [ids], [prompts[1]], 4, top_k=5, seed=seed)[0]
+        with torch.no_grad():
+            logits = model(torch.tensor([full])).logits[0]
+        for t in range(len(ids), len(full)):
+            top = logits[t - 1].topk(5).indices.tolist()
+            assert full[t] in top
+            non_greedy += full[t] != top[0]
+    assert non_greedy > 0
+    with pytest.raises(ValueError, match="top_k"):
+        generate(model, tok, prompts, 2, top_k=0)
 
 
 def test_skips_are_explicit_and_reports_agree_with_the_metrics(make_model, tok):
