@@ -120,7 +120,7 @@ def write_tune(out_dir: str | Path, result: dict[str, Any], model_cfg: dict, sta
         markdown([{**result["unedited_tune"], "layers": "unedited", "lam": None}, *result["rows"]], keys),
         "",
         f"chosen: layers {result['chosen']['layers']}, λ {result['chosen']['mom2_update_weight']:g}"
-        f" ({'within' if result['chosen']['within_bounds'] else 'OUTSIDE'} the bounds)",
+        f" ({'within' if result['chosen']['within_bounds'] else 'OUTSIDE'} the bounds), for {result['n_tune']} edits in one batch",
         "",
         "held-back part:",
         "",
@@ -130,6 +130,8 @@ def write_tune(out_dir: str | Path, result: dict[str, Any], model_cfg: dict, sta
     plot_rows(result["rows"], "lam", out_dir / "tune.png", f"{title}: {result['n_tune']} edits in one batch vs λ", group="layers",
               baseline=result["unedited_tune"])
     path = out_dir / "tuned.yaml"
-    io.write_text(path, f"# chosen by `memit-pl tune` (see {out_dir / 'tune.md'})\n"
+    io.write_text(path, f"# chosen by `memit-pl tune` (see {out_dir / 'tune.md'}) for {result['n_tune']} edits in one batch:\n"
+                  "# the edits' keys weigh against λC in proportion to their number, so other batch sizes trade\n"
+                  "# efficacy and specificity differently (measure them with `memit-pl sweep`)\n"
                   + to_yaml({"model": model_cfg, "memit": result["memit"], "stats": stats_cfg}))
     return path

@@ -115,3 +115,29 @@ def test_editor_reuses_a_given_z_store(editor, tmp_path, monkeypatch):
     assert torch.equal(again.z_for(["0", "3"]), first.z_for(["0", "3"]))
     reuse.zs(REQUESTS[:2], MemitConfig(**{**vars(MEMIT), "layers": [1]}))
     assert calls and (tmp_path / "other" / "z-L1").exists()
+
+
+def test_write_tune_outputs_a_loadable_config_that_names_its_batch_size(tmp_path):
+    import json
+
+    import yaml
+
+    from memit_pl.tune import write_tune
+
+    unedited = {"n": 0, "S": 10.0, "ES": 5.0, "PS": 5.0, "NS": 80.0, "GE": 600.0}
+    rows = [{"n": 6, "lam": lam, "layers": "1-2", "window": [1, 2], "S": s, "ES": s, "PS": s, "NS": ns, "GE": 600.0}
+            for lam, s, ns in [(10.0, 90.0, 70.0), (100.0, 60.0, 78.0)]]
+    chosen = MemitConfig(layers=[1, 2], mom2_update_weight=100.0)
+    result = {"n_tune": 6, "n_held": 6, "seed": 0, "bounds": {"max_ns_drop": 5.0, "max_ge_drop": 5.0},
+              "unedited_tune": unedited, "rows": rows,
+              "chosen": {"layers": [1, 2], "mom2_update_weight": 100.0, "within_bounds": True},
+              "unedited_held": unedited, "held": {**rows[1], "n": 6}, "memit": chosen.__dict__, "command": "x"}
+    path = write_tune(tmp_path, result, {"name": "tiny"}, {"n_samples": 10}, "tiny")
+    text = path.read_text()
+    assert "for 6 edits in one batch" in text.splitlines()[0]
+    cfg = yaml.safe_load(text)
+    assert cfg["memit"]["mom2_update_weight"] == 100.0 and cfg["memit"]["layers"] == [1, 2]
+    assert MemitConfig(**cfg["memit"]) == chosen
+    assert "λ 100 (within the bounds), for 6 edits in one batch" in (tmp_path / "tune.md").read_text()
+    assert json.loads((tmp_path / "tune.json").read_text())["chosen"]["mom2_update_weight"] == 100.0
+    assert (tmp_path / "tune.png").stat().st_size > 0

@@ -11,8 +11,8 @@ from memit_pl.models import default_cache_dir
 REPO = Path(__file__).resolve().parents[2]
 DEMO_LAMBDA = "1000"
 """λ of the demo: 20 edits, shown for their efficacy. The shipped config's λ was tuned for hundreds of
-edits under a 5-point bound on Neighborhood Success and Generation Entropy, which costs efficacy
-(README: the tune results)."""
+edits under bounds on the loss of Neighborhood Success (10 points) and Generation Entropy (5), which
+costs efficacy (README: the tune results)."""
 
 
 def main(argv: list[str]) -> int:
