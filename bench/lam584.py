@@ -10,39 +10,22 @@ sampling, 2 prompts per case, 50 tokens). The unedited model's row is the sweep'
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
-import yaml
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from tune_split import load, parser  # noqa: E402
 
-from memit_pl.config import EvalConfig, MemitConfig, StatsConfig, TrainerConfig  # noqa: E402
-from memit_pl.edits import load_edits  # noqa: E402
-from memit_pl.models import load_model  # noqa: E402
-from memit_pl.sweep import Editor, row, with_layers  # noqa: E402
+from memit_pl.sweep import row, with_layers  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--z_dir", required=True)
+    ap = parser(__doc__, "lam584")
     ap.add_argument("--lams", type=json.loads, default=[2000.0, 3000.0])
-    ap.add_argument("--edits", default=str(ROOT.parent / "shared/data/counterfact_known_dev.json"))
-    ap.add_argument("--config", default=str(ROOT / "configs/smollm2-135m.yaml"))
-    ap.add_argument("--work", default="runs/lam584")
-    ap.add_argument("--out", default=str(ROOT / "bench/results/lam584.json"))
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    c = yaml.safe_load(Path(args.config).read_text())
-    memit = MemitConfig(**c["memit"])
-    model, tok = load_model(c["model"]["name"], device="cpu")
-    requests = load_edits(args.edits, tokenizer=tok)
-    ed = Editor(model, tok, StatsConfig(**c["stats"]), Path(args.work), trainer=TrainerConfig(enable_progress_bar=False),
-                eval_cfg=EvalConfig(), z_dir=args.z_dir)
+    memit, ed, requests = load(args)
     store = ed.zs(requests, memit)
     rows = []
     for lam in args.lams:
