@@ -308,16 +308,6 @@ def target_logits(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     return logits[batch["target_row"].unsqueeze(-1), batch["target_slot"]]
 
 
-@torch.no_grad()
-def generate_greedy(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
-    """Greedy continuations (prompt included, as the reference's texts), batched with left padding
-    and explicit positions; no early stop at EOS (the reference generates to a fixed length).
-
-    Special tokens are dropped when decoding; the text is NFKD-normalised with blank lines joined.
-    """
-    return generate(model, tokenizer, prompts, max_new_tokens, top_k=1)
-
-
 def prompt_seed(seed: int, prompt: str) -> int:
     """The sampling seed of one prompt: a function of the prompt's text only, so a prompt draws the same
     random numbers in every batch, in every order, and in the edited and the unedited model alike."""

@@ -13,7 +13,7 @@ from memit_pl.config import EvalConfig
 from memit_pl.delta import EditDelta, apply_delta, save_delta
 from memit_pl.edits import EditRequest, target_ids
 from memit_pl.eval_report import aggregate, relation_breakdown, write_reports
-from memit_pl.evaluate import METRICS, evaluate_requests, generate, generate_greedy, generate_ids
+from memit_pl.evaluate import METRICS, evaluate_requests, generate, generate_ids
 from memit_pl.metrics.functional import tfidf_cosine
 from memit_pl.spec import get_spec
 
@@ -174,8 +174,8 @@ def test_generation_entropy_hand_count_on_fixed_text(make_model, tok, monkeypatc
 def test_generate_greedy_batched_equals_single(make_model, tok):
     model = make_model("gpt2")
     prompts = ["The capital of France is", "Mozart", "Therefore, because I think you are right, the"]
-    batched = generate_greedy(model, tok, prompts, 5)
-    assert batched == [generate_greedy(model, tok, [p], 5)[0] for p in prompts]
+    batched = generate(model, tok, prompts, 5, top_k=1)
+    assert batched == [generate(model, tok, [p], 5, top_k=1)[0] for p in prompts]
 
 
 def test_sampled_generation_is_per_prompt_deterministic_and_top_k(make_model, tok):
@@ -186,7 +186,6 @@ def test_sampled_generation_is_per_prompt_deterministic_and_top_k(make_model, to
     batched = generate(model, tok, prompts, 6, top_k=5, seed=0)
     assert batched == [generate(model, tok, [p], 6, top_k=5, seed=0)[0] for p in reversed(prompts)][::-1]
     assert generate(model, tok, prompts, 6, top_k=5, seed=1) != batched
-    assert generate(model, tok, prompts, 6, top_k=1) == generate_greedy(model, tok, prompts, 6)
     # every sampled token is among the top 5 given its prefix, and the draws are not all the argmax
     ids = tok(prompts[1])["input_ids"]
     non_greedy = 0
