@@ -1,0 +1,102 @@
+"""Where Neighborhood Success goes when SmolLM2 takes all 584 edits at once: which neighbourhood prompts flip.
+
+    .venv/bin/python bench/ns_loss.py --z_dir RUN/z [--config configs/smollm2-135m.yaml]
+
+A neighbourhood prompt succeeds when P(true object) > P(new object), i.e. nll_true < nll_new. The script
+scores every neighbourhood prompt of the 584 cases on the unedited model, after editing all 584 in one
+batch, and after editing only `memit-pl tune`'s seed-0 tuning half (292 cases, scored on those cases).
+Of the prompts that succeed unedited it reports the fraction that fail after the edit ("flip rate"):
+
+- by the unedited margin nll_new − nll_true (how sure the model was of the true object);
+- by the case's co-edits: the other cases in the batch with the same relation and the same new object;
+- for the tuning half, under 292 and under 584 edits: the same prompts, more co-edits.
+
+Layers, λ and everything else from ``--config``; z from ``--z_dir`` (the 584-edit `edit` run's store, so no z
+is optimised). Generation Entropy is not computed (it plays no part here).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tune_split import load, parser  # noqa: E402
+
+from memit_pl.config import EvalConfig  # noqa: E402
+from memit_pl.tune import split  # noqa: E402
+
+MARGINS = [(0.0, 0.5), (0.5, 1.0), (1.0, 2.0), (2.0, 4.0), (4.0, float("inf"))]
+CO_EDITS = [(0, 0), (1, 1), (2, 3), (4, 10**9)]
+
+
+def neighbour_scores(result: dict) -> dict[tuple[str, int], tuple[float, float]]:
+    """{(case_id, prompt index): (nll_new, nll_true)} for every neighbourhood prompt."""
+    return {(c["case_id"], i): (p["nll_new"], p["nll_true"])
+            for c in result["cases"] for i, p in enumerate(c["prompts"]["neighborhood"])}
+
+
+def co_edits(requests) -> dict[str, int]:
+    """case_id → how many other cases share its relation and new object."""
+    key = Counter((r.relation_id, r.target_new) for r in requests)
+    return {r.case_id: key[(r.relation_id, r.target_new)] - 1 for r in requests}
+
+
+def flip_table(base: dict, edited: dict, group, bins) -> list[dict]:
+    """Flip rate of the unedited successes in ``edited``, grouped by ``group(key, margin)`` into ``bins``."""
+    rows = []
+    for lo, hi in bins:
+        keys = [k for k, (new, true) in base.items() if k in edited and true < new and lo <= group(k, new - true) <= hi]
+        flips = sum(1 for k in keys if edited[k][1] >= edited[k][0])
+        rows.append({"bin": f"{lo:g}-{hi:g}" if hi < 10**8 else f">={lo:g}", "prompts": len(keys),
+                     "flipped": flips, "flip_rate": round(100 * flips / len(keys), 1) if keys else None})
+    return rows
+
+
+def ns(scores: dict, keys) -> float:
+    """Neighborhood Success as the metric computes it: the success rate of each case's prompts, averaged
+    over cases."""
+    per_case: dict[str, list[bool]] = {}
+    for k in keys:
+        per_case.setdefault(k[0], []).append(scores[k][1] < scores[k][0])
+    return round(100 * sum(sum(v) / len(v) for v in per_case.values()) / len(per_case), 2)
+
+
+def main() -> None:
+    ap = parser(__doc__, "ns_loss")
+    args = ap.parse_args()
+    memit, ed, requests = load(args)
+    ed.eval_cfg = EvalConfig(batch_size=256, generation_length=0, max_generation_prompts=0)
+    half, _ = split(requests, 0.5, 0)
+    store = ed.zs(requests, memit)
+    base = neighbour_scores(ed.evaluate(requests))
+    all584 = neighbour_scores(ed.edited_evaluation(requests, store, memit, "n584"))
+    only292 = neighbour_scores(ed.edited_evaluation(half, store, memit, "n292"))
+    co584, co292 = co_edits(requests), co_edits(half)
+    half_keys = [k for k in base if k[0] in co292]
+    by_margin = {"584": flip_table(base, all584, lambda k, m: m, MARGINS),
+                 "292": flip_table(base, only292, lambda k, m: m, MARGINS)}
+    by_co = {"584": flip_table(base, all584, lambda k, m: co584[k[0]], CO_EDITS),
+             "292": flip_table(base, only292, lambda k, m: co292[k[0]], CO_EDITS)}
+    # The tuning half's prompts under 584 edits, binned by their co-edits in the 292-edit batch, so each
+    # bin holds the same prompts under both batches.
+    half_under_584 = {k: v for k, v in all584.items() if k[0] in co292}
+    same_prompts = {"292": by_co["292"], "584": flip_table(base, half_under_584, lambda k, m: co292[k[0]], CO_EDITS)}
+    result = {
+        "layers": memit.layers, "lam": memit.mom2_update_weight,
+        "NS": {"unedited_584": ns(base, base), "edited_584": ns(all584, all584),
+               "unedited_half": ns(base, half_keys), "half_edited_292": ns(only292, half_keys),
+               "half_edited_584": ns(all584, half_keys)},
+        "flip_by_unedited_margin": by_margin, "flip_by_co_edits": by_co,
+        "half_flip_by_co_edits_in_292": same_prompts,
+        "command": "python bench/ns_loss.py " + " ".join(sys.argv[1:]),
+    }
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
