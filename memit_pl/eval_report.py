@@ -13,7 +13,7 @@ from memit_pl import io
 from memit_pl.evaluate import METRICS, SCALE
 from memit_pl.metrics.functional import harmonic_mean
 
-TABLE2 = [("S", "Score S"), ("ES", "ES"), ("EM", "EM"), ("PS", "PS"), ("PM", "PM"), ("NS", "NS"), ("NM", "NM"),
+TABLE2 = [("S", "Score S"), ("ES", "ES"), ("EM", "EM"), ("PS", "PS"), ("PM", "PM"), ("NS", "NS"), ("NSu", "NSu"), ("NM", "NM"),
           ("GE", "GE"), ("RS", "RS")]
 ACCURACY = [("acc_rewrite", "Efficacy"), ("acc_paraphrase", "Paraphrase"), ("acc_neighborhood", "Specificity")]
 

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 import unicodedata
 import warnings
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -63,9 +64,12 @@ SCALE = 100.0
 """Reported metrics are multiplied by this, as in the paper's tables (the reference's summarize.py
 multiplies every metric, Generation Entropy included, by 100)."""
 
-METRICS = ("S", "ES", "PS", "NS", "EM", "PM", "NM", "GE", "RS", "acc_rewrite", "acc_paraphrase", "acc_neighborhood")
+METRICS = ("S", "ES", "PS", "NS", "NSu", "EM", "PM", "NM", "GE", "RS", "acc_rewrite", "acc_paraphrase",
+           "acc_neighborhood")
 """Keys of ``result["metrics"]``: Editing Score, success rates, magnitudes, Generation Entropy,
-Reference Score, top-1 token accuracies (zsRE's efficacy, paraphrase and specificity)."""
+Reference Score, top-1 token accuracies (zsRE's efficacy, paraphrase and specificity). ``NSu`` is
+Neighborhood Success on the neighbourhood prompts whose subject is not itself edited (see
+:func:`subject_pattern`)."""
 
 _SUCCESS = {0: ("ES", "EM", "new"), 1: ("PS", "PM", "new"), 2: ("NS", "NM", "true")}
 
@@ -123,12 +127,46 @@ class CaseItem:
         return [t for r in self.rows for t in r.targets]
     reference_texts: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    about_edited: frozenset[int] = frozenset()
+    """Indices of the neighbourhood prompts that name an edited subject (left out of NSu)."""
+
+
+def subject_pattern(subjects: Iterable[str]) -> re.Pattern | None:
+    """A regex that finds any of ``subjects`` in a prompt as whole words (None for no subjects).
+
+    In a batch of CounterFact edits a case's neighbourhood prompts are often about subjects that are
+    edited themselves (neighbours share the true object, and so do many cases of one relation): there
+    the edit is meant to lower P(true object), and Neighborhood Success counts that as a spill. NSu
+    leaves those prompts out.
+    """
+    subs = sorted({s.strip() for s in subjects if s and s.strip()}, key=len, reverse=True)
+    if not subs:
+        return None
+    return re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, subs)) + r")(?!\w)")
+
+
+def nsu_of_records(cases: Sequence[dict[str, Any]], edited_subjects: Iterable[str]) -> float | None:
+    """NSu (× :data:`SCALE`) of per-case records as :func:`evaluate_requests` returns them, for another
+    set of edited subjects: e.g. the unedited model's NSu on exactly the prompts an edited run scored.
+    ``None`` where no case has a neighbourhood prompt left."""
+    pattern = subject_pattern(edited_subjects)
+    rates = []
+    for c in cases:
+        if c.get("NS") is None:  # skipped (no target_true, zsRE, no neighbourhood prompts)
+            continue
+        ok = [p["nll_true"] < p["nll_new"] for p in c["prompts"]["neighborhood"]
+              if pattern is None or not pattern.search(p["prompt"])]
+        if ok:
+            rates.append(sum(ok) / len(ok))
+    return sum(rates) / len(rates) * SCALE if rates else None
 
 
 def build_case(
-    tokenizer, request: EditRequest, index: int, eval_cfg: EvalConfig, reference: ReferenceData | None = None
+    tokenizer, request: EditRequest, index: int, eval_cfg: EvalConfig, reference: ReferenceData | None = None,
+    edited: re.Pattern | None = None,
 ) -> CaseItem:
-    """Tokenise a request's prompts and targets (targets with a leading space, ``edits.target_ids``)."""
+    """Tokenise a request's prompts and targets (targets with a leading space, ``edits.target_ids``);
+    ``edited`` (:func:`subject_pattern`) marks the neighbourhood prompts about edited subjects."""
     r = request
     where = f"record {index} (case_id {r.case_id})"
     prompts = {0: [r.text], 1: list(r.paraphrases), 2: list(r.neighborhood)}
@@ -168,6 +206,11 @@ def build_case(
         skipped.update({m: "no neighbourhood prompts" for m in ("NS", "NM", "acc_neighborhood")})
     elif answers:
         skipped.update({m: "neighbourhood prompts have their own answers (zsRE)" for m in ("NS", "NM")})
+    about_edited = frozenset(i for i, p in enumerate(prompts[2]) if edited is not None and edited.search(p))
+    if "NS" in skipped:
+        skipped["NSu"] = skipped["NS"]
+    elif len(about_edited) == len(prompts[2]):
+        skipped["NSu"] = "every neighbourhood prompt is about an edited subject"
     gen = list(r.generation_prompts[: eval_cfg.max_generation_prompts])
     if not gen:
         skipped["GE"] = "no generation prompts" if eval_cfg.max_generation_prompts else "generation disabled"
@@ -181,7 +224,7 @@ def build_case(
         if not ref_texts:
             why = "no relation_id or target_new id" if not (r.relation_id and r.target_new_id) else "no reference texts"
             skipped["RS"] = why
-    return CaseItem(index, r, prompts, rows, gen, ref_texts, skipped)
+    return CaseItem(index, r, prompts, rows, gen, ref_texts, skipped, about_edited)
 
 
 class PackedCases(Sampler[list[int]]):
@@ -255,10 +298,11 @@ def collate(items: Sequence[CaseItem], pad_id: int, padding_side: str) -> dict[s
         tgt[n, : len(t.ids)] = torch.tensor(t.ids)
     where = {(c.index, t.kind, t.prompt_index, t.label): n for n, (c, _, t) in enumerate(targets)}
     pairs = [
-        (case, kind, n, where[(case, kind, p, "true")])
+        (case, kind, n, where[(case, kind, p, "true")], p)
         for (case, kind, p, label), n in where.items()
         if label == "new" and (case, kind, p, "true") in where
     ]
+    edited = {(c.index, p) for c in items for p in c.about_edited}
     acc = [(c.index, t.kind, n) for n, (c, _, t) in enumerate(targets) if _is_acc_target(t)]
     long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
     return {
@@ -274,6 +318,7 @@ def collate(items: Sequence[CaseItem], pad_id: int, padding_side: str) -> dict[s
         "pair_kind": long([p[1] for p in pairs]),
         "pair_new": long([p[2] for p in pairs]),
         "pair_true": long([p[3] for p in pairs]),
+        "pair_free": torch.tensor([p[1] == 2 and (p[0], p[4]) not in edited for p in pairs], dtype=torch.bool),
         "acc_case": long([a[0] for a in acc]),
         "acc_kind": long([a[1] for a in acc]),
         "acc_target": long([a[2] for a in acc]),
@@ -408,6 +453,7 @@ class EvalModule(L.LightningModule):
             m[mag] = PromptMagnitude(correct)
         for kind in KINDS:
             m[f"acc_{kind}"] = TokenAccuracy()
+        m["NSu"] = PromptSuccess("true")
         m["GE"] = GenerationEntropy()
         if reference is not None:
             m["RS"] = ReferenceScore(reference.vocab, reference.idf)
@@ -436,6 +482,11 @@ class EvalModule(L.LightningModule):
                 self.metrics[f"acc_{KINDS[k]}"].update(ok[tg], tmask[tg], case)
                 flat_case = case.unsqueeze(-1).expand_as(tmask[tg])[tmask[tg]]
                 per_case[f"acc_{KINDS[k]}"] = _by_case(*case_means(ok[tg][tmask[tg]].double(), flat_case))
+        sel = batch["pair_free"]
+        if sel.any():
+            new, true, case = nll[pn[sel]], nll[pt[sel]], pc[sel]
+            self.metrics["NSu"].update(new, true, case)
+            per_case["NSu"] = _by_case(*case_means(prob_success(new, true, "true").double(), case))
         items = [self.items[i] for i in batch["case_ids"]]
         texts = self._generate(items)
         records = []
@@ -473,6 +524,8 @@ class EvalModule(L.LightningModule):
             entry[f"nll_{t.label}"] = v
             if _is_acc_target(t):
                 entry["token_acc"] = a
+        for i in c.about_edited:
+            prompts["neighborhood"][i]["about_edited_subject"] = True
         rec: dict[str, Any] = {
             "case_id": r.case_id,
             "relation_id": r.relation_id,
@@ -538,6 +591,7 @@ def evaluate_requests(
     reference: ReferenceData | None = None,
     per_record: bool = False,
     padding_side: str = "left",
+    edited_subjects: Iterable[str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` as it is now on ``requests``; the weights are not touched.
 
@@ -545,6 +599,9 @@ def evaluate_requests(
         per_record: one case per forward pass (as the reference), instead of packing cases into
             batches of ``eval_cfg.batch_size`` rows.
         padding_side: how rows are padded (the results do not depend on it).
+        edited_subjects: the subjects edited in the batch whose effect is measured; NSu leaves out the
+            neighbourhood prompts that name one. Default: the subjects of ``requests`` (the evaluated
+            cases are the edited ones). Pass the same subjects for the unedited model to compare.
 
     Returns:
         ``{"metrics": {name: value × 100 or None}, "counts": {name: cases averaged},
@@ -559,7 +616,8 @@ def evaluate_requests(
     if world > 1:
         raise ValueError("evaluation runs on one device; set trainer.devices=1 and trainer.num_nodes=1")
     start = time.perf_counter()
-    items = [build_case(tokenizer, r, i, eval_cfg, reference) for i, r in enumerate(requests)]
+    edited = subject_pattern(edited_subjects if edited_subjects is not None else (r.subject for r in requests))
+    items = [build_case(tokenizer, r, i, eval_cfg, reference, edited) for i, r in enumerate(requests)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     sampler = PackedCases([len(c.rows) for c in items], 1 if per_record else eval_cfg.batch_size)
     loader = DataLoader(

@@ -24,7 +24,7 @@ from memit_pl.zmodule import compute_zs
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("S", "ES", "PS", "NS", "GE")
+COLUMNS = ("S", "ES", "PS", "NS", "NSu", "GE")
 
 
 def log_grid(n_max: int) -> list[int]:
@@ -107,20 +107,26 @@ def _store_layer(store_dir: Path) -> int | None:
 
 
 def scaling_sweep(editor: Editor, requests: Sequence[EditRequest], memit: MemitConfig, grid: Sequence[int]) -> list[dict]:
-    """Rows {n, S, ES, PS, NS, GE} for the unedited model (n = 0, on all cases) and for the first n
-    cases edited in one batch (evaluated on those n); z is computed once for all cases."""
+    """Rows {n, S, ES, PS, NS, NSu, GE} for the unedited model (n = 0, on all cases) and for the first n
+    cases edited in one batch (evaluated on those n); z is computed once for all cases. Each edited row
+    also has ``NSu_unedited``: the unedited model's NSu on the same prompts (those cases, those subjects)."""
+    from memit_pl.evaluate import nsu_of_records
+
     store = editor.zs(requests, memit)
-    rows = [row(0, editor.evaluate(requests))]
+    unedited = editor.evaluate(requests)
+    rows = [row(0, unedited)]
     log.info("sweep n=0: %s", rows[-1])
     for n in grid:
-        rows.append(row(n, editor.edited_evaluation(requests[:n], store, memit, f"n{n}")))
+        base = nsu_of_records(unedited["cases"][:n], [r.subject for r in requests[:n]])
+        rows.append(row(n, editor.edited_evaluation(requests[:n], store, memit, f"n{n}"),
+                        NSu_unedited=None if base is None else round(base, 2)))
         log.info("sweep n=%d: %s", n, rows[-1])
     return rows
 
 
 def plot_rows(rows: Sequence[dict], x: str, path: str | Path, title: str, group: str | None = None,
               log_x: bool = True, baseline: dict | None = None) -> Path:
-    """ES/PS/NS/GE (and S) against ``x``; one line style per ``group`` value when given; the unedited
+    """ES/PS/NS/NSu/GE (and S) against ``x``; one line style per ``group`` value when given; the unedited
     model (``baseline``, else the row with ``x`` = 0) as thin horizontal lines."""
     import matplotlib
 
@@ -134,8 +140,10 @@ def plot_rows(rows: Sequence[dict], x: str, path: str | Path, title: str, group:
         sel = [r for r in rows if (group is None or r.get(group) == g) and r[x] > 0]
         xs = [r[x] for r in sel]
         label = f" ({group} {g})" if group else ""
-        for k, colour in zip(("S", "ES", "PS", "NS"), ("black", "tab:blue", "tab:orange", "tab:green")):
-            axes[0].plot(xs, [r[k] for r in sel], styles[gi % 4], color=colour, marker="o", ms=3, label=k + label)
+        for k, colour in zip(("S", "ES", "PS", "NS", "NSu"), ("black", "tab:blue", "tab:orange", "tab:green", "tab:olive")):
+            pts = [(xv, r[k]) for xv, r in zip(xs, sel) if r.get(k) is not None]
+            if pts:
+                axes[0].plot(*zip(*pts), styles[gi % 4], color=colour, marker="o", ms=3, label=k + label)
         ge = [(xv, r["GE"]) for xv, r in zip(xs, sel) if r.get("GE") is not None]
         if ge:
             axes[1].plot(*zip(*ge), styles[gi % 4], color="tab:red", marker="o", ms=3, label="GE" + label)
@@ -143,8 +151,9 @@ def plot_rows(rows: Sequence[dict], x: str, path: str | Path, title: str, group:
         axes[1].text(0.5, 0.5, "Generation Entropy not measured", ha="center", va="center", transform=axes[1].transAxes)
     base = [baseline] if baseline is not None else [r for r in rows if r[x] == 0]
     if base:
-        for k, colour in zip(("ES", "PS", "NS"), ("tab:blue", "tab:orange", "tab:green")):
-            axes[0].axhline(base[0][k], color=colour, lw=0.6, alpha=0.5)
+        for k, colour in zip(("ES", "PS", "NS", "NSu"), ("tab:blue", "tab:orange", "tab:green", "tab:olive")):
+            if base[0].get(k) is not None:
+                axes[0].axhline(base[0][k], color=colour, lw=0.6, alpha=0.5)
         if base[0].get("GE") is not None:
             axes[1].axhline(base[0]["GE"], color="tab:red", lw=0.6, alpha=0.5)
     for ax, ylabel in zip(axes, ("success rate (%)", "generation entropy (×100)")):
@@ -176,7 +185,7 @@ def markdown(rows: Sequence[dict], keys: Sequence[str]) -> str:
 def write_sweep(out_dir: str | Path, rows: list[dict], meta: dict[str, Any]) -> None:
     out_dir = Path(out_dir)
     io.write_json(out_dir / "sweep.json", {**meta, "rows": rows})
-    io.write_text(out_dir / "sweep.md", markdown(rows, ("n", *COLUMNS)) + "\n")
+    io.write_text(out_dir / "sweep.md", markdown(rows, ("n", *COLUMNS, "NSu_unedited")) + "\n")
     plot_rows(rows, "n", out_dir / "sweep.png", f"{meta.get('model')}: edits in one batch")
 
 

@@ -2,7 +2,8 @@
 
 The edits are split (seeded) into a tuning part and a held-back part. Every (layer window, λ) point
 edits the tuning part in one batch and is scored by its Editing Score S, subject to bounds on the
-loss of Neighborhood Success and of Generation Entropy against the unedited model; the chosen point
+loss of Neighborhood Success (NS, or NSu: only the neighbourhood prompts whose subject is not edited
+itself) and of Generation Entropy against the unedited model; the chosen point
 is then measured on the held-back part, which took no part in the choice.
 
 Cost: statistics are computed once per layer, z once per target layer L = max(R) (a λ-only sweep
@@ -48,12 +49,19 @@ def default_windows(n_layers: int, size: int = 5, starts: Sequence[int] = (1, 3,
     return out
 
 
-def select(rows: Sequence[dict], base: dict, max_ns_drop: float = 5.0, max_ge_drop: float = 5.0) -> tuple[dict, bool]:
-    """The row with the best Editing Score among those within the NS and GE bounds of ``base``;
-    when none is, the row that violates the bounds least. Returns (row, within bounds)."""
+NS_METRICS = ("NS", "NSu")
+
+
+def select(rows: Sequence[dict], base: dict, max_ns_drop: float = 5.0, max_ge_drop: float = 5.0,
+           ns_metric: str = "NS") -> tuple[dict, bool]:
+    """The row with the best Editing Score among those within the ``ns_metric`` and GE bounds of
+    ``base``; when none is, the row that violates the bounds least. Returns (row, within bounds)."""
+    if ns_metric not in NS_METRICS:
+        raise ValueError(f"ns_metric must be one of {NS_METRICS}, got {ns_metric!r}")
+    m = ns_metric
 
     def violation(r: dict) -> float:
-        ns = max(0.0, (base["NS"] - max_ns_drop) - r["NS"]) if r.get("NS") is not None and base.get("NS") is not None else 0.0
+        ns = max(0.0, (base[m] - max_ns_drop) - r[m]) if r.get(m) is not None and base.get(m) is not None else 0.0
         ge = max(0.0, (base["GE"] - max_ge_drop) - r["GE"]) if r.get("GE") is not None and base.get("GE") is not None else 0.0
         return ns + ge
 
@@ -74,8 +82,11 @@ def tune(
     seed: int = 0,
     max_ns_drop: float = 5.0,
     max_ge_drop: float = 5.0,
+    ns_metric: str = "NS",
 ) -> dict[str, Any]:
     """Search the grid on the tuning part; measure the chosen point on the held-back part."""
+    if ns_metric not in NS_METRICS:  # before any expensive work
+        raise ValueError(f"ns_metric must be one of {NS_METRICS}, got {ns_metric!r}")
     tune_part, held = split(requests, tune_fraction, seed)
     base = row(0, editor.evaluate(tune_part))
     rows = []
@@ -88,7 +99,7 @@ def tune(
             rows.append(row(len(tune_part), editor.edited_evaluation(tune_part, store, point, tag),
                             lam=lam, layers=f"{window[0]}-{window[-1]}", window=list(window)))
             log.info("tune %s: %s", tag, rows[-1])
-    chosen, within = select(rows, base, max_ns_drop, max_ge_drop)
+    chosen, within = select(rows, base, max_ns_drop, max_ge_drop, ns_metric)
     best = with_layers(memit, chosen["window"], chosen["lam"])
     held_base = row(0, editor.evaluate(held))
     store = editor.zs(list(tune_part) + list(held), best)
@@ -97,7 +108,7 @@ def tune(
         "n_tune": len(tune_part),
         "n_held": len(held),
         "seed": seed,
-        "bounds": {"max_ns_drop": max_ns_drop, "max_ge_drop": max_ge_drop},
+        "bounds": {"max_ns_drop": max_ns_drop, "max_ge_drop": max_ge_drop, "ns_metric": ns_metric},
         "unedited_tune": base,
         "rows": rows,
         "chosen": {"layers": best.layers, "mom2_update_weight": best.mom2_update_weight, "within_bounds": within},
@@ -105,6 +116,11 @@ def tune(
         "held": held_row,
         "memit": asdict(best),
     }
+
+
+def _bounds(result: dict[str, Any]) -> str:
+    b = result["bounds"]
+    return f"{b.get('ns_metric', 'NS')} −{b['max_ns_drop']:g}, GE −{b['max_ge_drop']:g}"
 
 
 def write_tune(out_dir: str | Path, result: dict[str, Any], model_cfg: dict, stats_cfg: dict, title: str) -> Path:
@@ -120,7 +136,8 @@ def write_tune(out_dir: str | Path, result: dict[str, Any], model_cfg: dict, sta
         markdown([{**result["unedited_tune"], "layers": "unedited", "lam": None}, *result["rows"]], keys),
         "",
         f"chosen: layers {result['chosen']['layers']}, λ {result['chosen']['mom2_update_weight']:g}"
-        f" ({'within' if result['chosen']['within_bounds'] else 'OUTSIDE'} the bounds), for {result['n_tune']} edits in one batch",
+        f" ({'within' if result['chosen']['within_bounds'] else 'OUTSIDE'} the bounds: {_bounds(result)}),"
+        f" for {result['n_tune']} edits in one batch",
         "",
         "held-back part:",
         "",

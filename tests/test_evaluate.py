@@ -13,7 +13,7 @@ from memit_pl.config import EvalConfig
 from memit_pl.delta import EditDelta, apply_delta, save_delta
 from memit_pl.edits import EditRequest, target_ids
 from memit_pl.eval_report import aggregate, relation_breakdown, write_reports
-from memit_pl.evaluate import METRICS, evaluate_requests, generate, generate_ids
+from memit_pl.evaluate import METRICS, evaluate_requests, generate, generate_ids, nsu_of_records
 from memit_pl.metrics.functional import tfidf_cosine
 from memit_pl.spec import get_spec
 
@@ -202,6 +202,46 @@ def test_sampled_generation_is_per_prompt_deterministic_and_top_k(make_model, to
         generate(model, tok, prompts, 2, top_k=0)
 
 
+def test_nsu_leaves_out_neighbourhood_prompts_about_edited_subjects(make_model, tok):
+    toyota = EditRequest("4", "Toyota", "{} is a car company from", "Germany", "Japan", "P495",
+                         neighborhood=["Toyotaville is a town in", "Michael Jordan plays the sport of"])
+    reqs = cf_requests() + [toyota]
+    res = evaluate_requests(make_model("llama"), tok, reqs, CFG)
+    about = {c["case_id"]: [bool(p.get("about_edited_subject")) for p in c["prompts"]["neighborhood"]]
+             for c in res["cases"]}
+    # "Toyota" and "Michael Jordan" are edited in this batch, Danielle Darrieux too; "Toyotaville" is
+    # another word
+    assert about == {"0": [False, True], "1": [False], "2": [False], "3": [False, True, True], "4": [False, True]}
+
+    def hand(case, keep):
+        ps = [p for p, k in zip(case["prompts"]["neighborhood"], keep) if k]
+        return sum(p["nll_true"] < p["nll_new"] for p in ps) / len(ps)
+
+    by_id = {c["case_id"]: c for c in res["cases"]}
+    assert by_id["2"]["NSu"] is None and by_id["2"]["skipped"]["NSu"] == "no target_true"
+    expect = {}
+    for cid, flags in about.items():
+        if cid == "2":
+            continue
+        expect[cid] = hand(by_id[cid], [not f for f in flags])
+        assert by_id[cid]["NSu"] == pytest.approx(expect[cid])
+        assert by_id[cid]["NS"] == pytest.approx(hand(by_id[cid], [True] * len(flags)))
+    assert res["metrics"]["NSu"] == pytest.approx(100 * sum(expect.values()) / len(expect))
+    assert res["counts"]["NSu"] == 4
+    # nothing edited: NSu is NS; a batch that edits France leaves case 1 without an NSu prompt
+    none = evaluate_requests(make_model("llama"), tok, reqs, CFG, edited_subjects=[])
+    assert none["metrics"]["NSu"] == pytest.approx(none["metrics"]["NS"])
+    assert [c["NSu"] for c in none["cases"]] == [c["NS"] for c in none["cases"]]
+    france = evaluate_requests(make_model("llama"), tok, reqs, CFG, edited_subjects=["France"])
+    assert france["cases"][1]["NSu"] is None
+    assert france["skipped"]["NSu"] == {"no target_true": 1, "every neighbourhood prompt is about an edited subject": 1}
+    # the same figures from the records alone, for any set of edited subjects
+    assert nsu_of_records(res["cases"], [r.subject for r in reqs]) == pytest.approx(res["metrics"]["NSu"])
+    assert nsu_of_records(france["cases"], ["France"]) == pytest.approx(france["metrics"]["NSu"])
+    sub = evaluate_requests(make_model("llama"), tok, reqs[:2], CFG, edited_subjects=["Toyota"])
+    assert nsu_of_records(res["cases"][:2], ["Toyota"]) == pytest.approx(sub["metrics"]["NSu"])
+
+
 def test_skips_are_explicit_and_reports_agree_with_the_metrics(make_model, tok):
     res = evaluate_requests(make_model("llama"), tok, cf_requests(), CFG)
     no_true = res["cases"][2]
@@ -282,7 +322,7 @@ def test_cli_before_and_after_a_hand_made_delta(make_model, tok, tmp_path, capsy
     assert set(data["metrics"]) == {"unedited", "edited"} and data["n_cases"] == 3
     assert data["metrics"]["unedited"] != data["metrics"]["edited"]
     report = (out / "report.md").read_text()
-    assert "| Editor | Score S | ES | EM | PS | PM | NS | NM | GE | RS |" in report and "P641" in report
+    assert "| Editor | Score S | ES | EM | PS | PM | NS | NSu | NM | GE | RS |" in report and "P641" in report
     for png in ("metrics.png", "relations.png", "margins.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len((out / "cases.jsonl").read_text().splitlines()) == 3

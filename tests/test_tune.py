@@ -46,6 +46,17 @@ def test_select_picks_the_best_feasible_point():
     assert select(worst, base) == (worst[1], False)
 
 
+def test_select_can_bound_nsu_instead_of_ns():
+    base = {"S": 10, "NS": 80, "NSu": 84, "GE": 600}
+    rows = [{"lam": lam, "S": s, "NS": ns, "NSu": nsu, "GE": 600} for lam, s, ns, nsu in
+            [(1, 90, 60, 76), (10, 85, 70, 80), (100, 60, 77, 83)]]
+    # NS within 5 admits only λ=100; NSu within 5 (>= 79) admits λ=10, the better score
+    assert select(rows, base)[0]["lam"] == 100
+    assert select(rows, base, ns_metric="NSu") == (rows[1], True)
+    with pytest.raises(ValueError, match="ns_metric"):
+        select(rows, base, ns_metric="ES")
+
+
 def test_split_and_windows():
     a, b = split(REQUESTS, 0.5, seed=0)
     assert len(a) == 3 and len(b) == 3 and not {r.case_id for r in a} & {r.case_id for r in b}
@@ -97,6 +108,7 @@ def test_scaling_sweep_restores_weights_and_reuses_z(editor):
     assert [r["n"] for r in rows] == [0, 1, 3, 6]
     assert editor.z_runs == 1
     assert all(r["ES"] is not None and r["NS"] is not None for r in rows)
+    assert rows[-1]["NSu_unedited"] == pytest.approx(rows[0]["NSu"], abs=0.01)  # all cases: the same prompts
     for layer in MEMIT.layers:
         assert torch.equal(spec.out_weight(editor.model, layer), before[layer])
 
@@ -138,6 +150,6 @@ def test_write_tune_outputs_a_loadable_config_that_names_its_batch_size(tmp_path
     cfg = yaml.safe_load(text)
     assert cfg["memit"]["mom2_update_weight"] == 100.0 and cfg["memit"]["layers"] == [1, 2]
     assert MemitConfig(**cfg["memit"]) == chosen
-    assert "λ 100 (within the bounds), for 6 edits in one batch" in (tmp_path / "tune.md").read_text()
+    assert "λ 100 (within the bounds: NS −5, GE −5), for 6 edits in one batch" in (tmp_path / "tune.md").read_text()
     assert json.loads((tmp_path / "tune.json").read_text())["chosen"]["mom2_update_weight"] == 100.0
     assert (tmp_path / "tune.png").stat().st_size > 0

@@ -23,6 +23,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the tuning/held-back split")
     parser.add_argument("--max_ns_drop", type=float, default=5.0, help="allowed loss of Neighborhood Success (points)")
     parser.add_argument("--max_ge_drop", type=float, default=5.0, help="allowed loss of Generation Entropy (points)")
+    parser.add_argument("--ns_metric", choices=["NS", "NSu"], default="NS",
+                        help="which Neighborhood Success the bound applies to: all neighbourhood prompts (NS), or "
+                             "only those whose subject is not itself edited in the batch (NSu)")
     cfg, secs = parse(parser, argv)
     from memit_pl.spec import get_spec
     from memit_pl.sweep import Editor
@@ -37,7 +40,7 @@ def main(argv: list[str]) -> int:
                     cache_dir=secs["model"].cache_dir, eval_cfg=secs["eval"], z_dir=cfg.z_dir)
     windows = cfg.windows or default_windows(get_spec(model).n_layers(model))
     result = tune(editor, requests, secs["memit"], cfg.lambdas, windows, tune_fraction=cfg.tune_fraction,
-                  seed=cfg.seed, max_ns_drop=cfg.max_ns_drop, max_ge_drop=cfg.max_ge_drop)
+                  seed=cfg.seed, max_ns_drop=cfg.max_ns_drop, max_ge_drop=cfg.max_ge_drop, ns_metric=cfg.ns_metric)
     result["command"] = "memit-pl tune " + " ".join(argv)
     path = write_tune(out, result, asdict(secs["model"]), asdict(secs["stats"]), secs["model"].name)
     sys.stdout.write((out / "tune.md").read_text() + f"\ntuned config: {path}\n")
