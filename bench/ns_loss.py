@@ -9,7 +9,9 @@ Of the prompts that succeed unedited it reports the fraction that fail after the
 
 - by the unedited margin nll_new − nll_true (how sure the model was of the true object);
 - by the case's co-edits: the other cases in the batch with the same relation and the same new object;
-- for the tuning half, under 292 and under 584 edits: the same prompts, more co-edits.
+- for the tuning half, under 292 and under 584 edits: the same prompts, more co-edits;
+- by whether the prompt names a subject edited in the same batch (whose P(true) that subject's own edit
+  is meant to lower; NSu leaves those prompts out).
 
 Layers, λ and everything else from ``--config``; z from ``--z_dir`` (the 584-edit `edit` run's store, so no z
 is optimised). Generation Entropy is not computed (it plays no part here).
@@ -37,6 +39,12 @@ def neighbour_scores(result: dict) -> dict[tuple[str, int], tuple[float, float]]
     """{(case_id, prompt index): (nll_new, nll_true)} for every neighbourhood prompt."""
     return {(c["case_id"], i): (p["nll_new"], p["nll_true"])
             for c in result["cases"] for i, p in enumerate(c["prompts"]["neighborhood"])}
+
+
+def about_edited(result: dict) -> set[tuple[str, int]]:
+    """The neighbourhood prompts that name a subject edited in the evaluated batch."""
+    return {(c["case_id"], i) for c in result["cases"] for i, p in enumerate(c["prompts"]["neighborhood"])
+            if p.get("about_edited_subject")}
 
 
 def co_edits(requests) -> dict[str, int]:
@@ -73,8 +81,13 @@ def main() -> None:
     half, _ = split(requests, 0.5, 0)
     store = ed.zs(requests, memit)
     base = neighbour_scores(ed.evaluate(requests))
-    all584 = neighbour_scores(ed.edited_evaluation(requests, store, memit, "n584"))
-    only292 = neighbour_scores(ed.edited_evaluation(half, store, memit, "n292"))
+    res584 = ed.edited_evaluation(requests, store, memit, "n584")
+    res292 = ed.edited_evaluation(half, store, memit, "n292")
+    all584, only292 = neighbour_scores(res584), neighbour_scores(res292)
+    about584, about292 = about_edited(res584), about_edited(res292)
+    yes_no = [(0, 0), (1, 1)]
+    by_about = {"584": flip_table(base, all584, lambda k, m: int(k in about584), yes_no),
+                "292": flip_table(base, only292, lambda k, m: int(k in about292), yes_no)}
     co584, co292 = co_edits(requests), co_edits(half)
     half_keys = [k for k in base if k[0] in co292]
     by_margin = {"584": flip_table(base, all584, lambda k, m: m, MARGINS),
@@ -92,6 +105,14 @@ def main() -> None:
                "half_edited_584": ns(all584, half_keys)},
         "flip_by_unedited_margin": by_margin, "flip_by_co_edits": by_co,
         "half_flip_by_co_edits_in_292": same_prompts,
+        "flip_by_names_an_edited_subject": by_about,
+        # the same tables over the prompts that name no edited subject (those NSu scores)
+        "free_flip_by_unedited_margin": {
+            "584": flip_table(base, all584, lambda k, m: -1 if k in about584 else m, MARGINS),
+            "292": flip_table(base, only292, lambda k, m: -1 if k in about292 else m, MARGINS)},
+        "free_flip_by_co_edits": {
+            "584": flip_table(base, all584, lambda k, m: -1 if k in about584 else co584[k[0]], CO_EDITS),
+            "292": flip_table(base, only292, lambda k, m: -1 if k in about292 else co292[k[0]], CO_EDITS)},
         "command": "python bench/ns_loss.py " + " ".join(sys.argv[1:]),
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
