@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tune_split import load, parser  # noqa: E402
 
 from memit_pl.config import EvalConfig  # noqa: E402
+from memit_pl.evaluate import nsu_of_records  # noqa: E402
 from memit_pl.tune import split  # noqa: E402
 
 MARGINS = [(0.0, 0.5), (0.5, 1.0), (1.0, 2.0), (2.0, 4.0), (4.0, float("inf"))]
@@ -80,7 +81,8 @@ def main() -> None:
     ed.eval_cfg = EvalConfig(batch_size=256, generation_length=0, max_generation_prompts=0)
     half, _ = split(requests, 0.5, 0)
     store = ed.zs(requests, memit)
-    base = neighbour_scores(ed.evaluate(requests))
+    unedited = ed.evaluate(requests)
+    base = neighbour_scores(unedited)
     res584 = ed.edited_evaluation(requests, store, memit, "n584")
     res292 = ed.edited_evaluation(half, store, memit, "n292")
     all584, only292 = neighbour_scores(res584), neighbour_scores(res292)
@@ -103,6 +105,11 @@ def main() -> None:
         "NS": {"unedited_584": ns(base, base), "edited_584": ns(all584, all584),
                "unedited_half": ns(base, half_keys), "half_edited_292": ns(only292, half_keys),
                "half_edited_584": ns(all584, half_keys)},
+        "NSu": {"unedited_584": round(nsu_of_records(unedited["cases"], [r.subject for r in requests]), 2),
+                "edited_584": round(res584["metrics"]["NSu"], 2),
+                "unedited_half": round(nsu_of_records([c for c in unedited["cases"] if c["case_id"] in co292],
+                                                      [r.subject for r in half]), 2),
+                "half_edited_292": round(res292["metrics"]["NSu"], 2)},
         "flip_by_unedited_margin": by_margin, "flip_by_co_edits": by_co,
         "half_flip_by_co_edits_in_292": same_prompts,
         "flip_by_names_an_edited_subject": by_about,
