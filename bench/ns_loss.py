@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tune_split import load, parser  # noqa: E402
 
 from memit_pl.config import EvalConfig  # noqa: E402
+from memit_pl.eval_report import aggregate  # noqa: E402
 from memit_pl.evaluate import nsu_of_records  # noqa: E402
 from memit_pl.tune import split  # noqa: E402
 
@@ -65,13 +66,10 @@ def flip_table(base: dict, edited: dict, group, bins) -> list[dict]:
     return rows
 
 
-def ns(scores: dict, keys) -> float:
-    """Neighborhood Success as the metric computes it: the success rate of each case's prompts, averaged
-    over cases."""
-    per_case: dict[str, list[bool]] = {}
-    for k in keys:
-        per_case.setdefault(k[0], []).append(scores[k][1] < scores[k][0])
-    return round(100 * sum(sum(v) / len(v) for v in per_case.values()) / len(per_case), 2)
+def ns(result: dict, case_ids=None) -> float:
+    """The NS of ``result``'s records (of the cases in ``case_ids``, default all), as the metric averages it."""
+    cases = [c for c in result["cases"] if case_ids is None or c["case_id"] in case_ids]
+    return round(aggregate(cases)["NS"], 2)
 
 
 def main() -> None:
@@ -91,7 +89,6 @@ def main() -> None:
     by_about = {"584": flip_table(base, all584, lambda k, m: int(k in about584), yes_no),
                 "292": flip_table(base, only292, lambda k, m: int(k in about292), yes_no)}
     co584, co292 = co_edits(requests), co_edits(half)
-    half_keys = [k for k in base if k[0] in co292]
     by_margin = {"584": flip_table(base, all584, lambda k, m: m, MARGINS),
                  "292": flip_table(base, only292, lambda k, m: m, MARGINS)}
     by_co = {"584": flip_table(base, all584, lambda k, m: co584[k[0]], CO_EDITS),
@@ -102,9 +99,9 @@ def main() -> None:
     same_prompts = {"292": by_co["292"], "584": flip_table(base, half_under_584, lambda k, m: co292[k[0]], CO_EDITS)}
     result = {
         "layers": memit.layers, "lam": memit.mom2_update_weight,
-        "NS": {"unedited_584": ns(base, base), "edited_584": ns(all584, all584),
-               "unedited_half": ns(base, half_keys), "half_edited_292": ns(only292, half_keys),
-               "half_edited_584": ns(all584, half_keys)},
+        "NS": {"unedited_584": ns(unedited), "edited_584": ns(res584),
+               "unedited_half": ns(unedited, co292), "half_edited_292": ns(res292),
+               "half_edited_584": ns(res584, co292)},
         "NSu": {"unedited_584": round(nsu_of_records(unedited["cases"], [r.subject for r in requests]), 2),
                 "edited_584": round(res584["metrics"]["NSu"], 2),
                 "unedited_half": round(nsu_of_records([c for c in unedited["cases"] if c["case_id"] in co292],

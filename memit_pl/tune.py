@@ -52,12 +52,16 @@ def default_windows(n_layers: int, size: int = 5, starts: Sequence[int] = (1, 3,
 NS_METRICS = ("NS", "NSu")
 
 
+def _check_ns_metric(ns_metric: str) -> None:
+    if ns_metric not in NS_METRICS:
+        raise ValueError(f"ns_metric must be one of {NS_METRICS}, got {ns_metric!r}")
+
+
 def select(rows: Sequence[dict], base: dict, max_ns_drop: float = 5.0, max_ge_drop: float = 5.0,
            ns_metric: str = "NS") -> tuple[dict, bool]:
     """The row with the best Editing Score among those within the ``ns_metric`` and GE bounds of
     ``base``; when none is, the row that violates the bounds least. Returns (row, within bounds)."""
-    if ns_metric not in NS_METRICS:
-        raise ValueError(f"ns_metric must be one of {NS_METRICS}, got {ns_metric!r}")
+    _check_ns_metric(ns_metric)
     m = ns_metric
 
     def violation(r: dict) -> float:
@@ -85,8 +89,7 @@ def tune(
     ns_metric: str = "NS",
 ) -> dict[str, Any]:
     """Search the grid on the tuning part; measure the chosen point on the held-back part."""
-    if ns_metric not in NS_METRICS:  # before any expensive work
-        raise ValueError(f"ns_metric must be one of {NS_METRICS}, got {ns_metric!r}")
+    _check_ns_metric(ns_metric)  # before any expensive work
     tune_part, held = split(requests, tune_fraction, seed)
     base = row(0, editor.evaluate(tune_part))
     rows = []
