@@ -7,6 +7,14 @@ them, `memit_pl.evaluate.subject_pattern`), those whose named subject shares the
 object, and those whose named subject is edited to the case's own new object in the same relation: a
 perfect editor fails Neighborhood Success there. ``forced_ns_points`` is that share averaged per case (the
 way NS averages), i.e. the NS points a perfect editor loses on the whole file edited in one batch.
+
+With ``--cases`` (the ``cases.jsonl`` of ``memit-pl evaluate`` on the unedited model, all cases of the same
+file) it also scores that perfect editor exactly: every neighbourhood prompt keeps the unedited model's
+answer except the forced ones, which fail. ``perfect_editor_ns`` is that NS, ``goal_ns`` the unedited NS
+less 10 points, and ``slack`` their difference: the NS points left for every other change an edit makes.
+
+    memit-pl evaluate --config configs/smollm2-135m.yaml --edits EDITS --eval.max_generation_prompts 0 --out OUT
+    .venv/bin/python bench/overlap.py --cases OUT/cases.jsonl
 """
 
 from __future__ import annotations
@@ -24,23 +32,39 @@ from memit_pl.edits import load_edits  # noqa: E402
 from memit_pl.evaluate import subject_pattern  # noqa: E402
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--edits", default=str(ROOT.parent / "shared/data/counterfact_known_dev.json"))
-    ap.add_argument("--out", default=str(ROOT / "bench/results/overlap.json"))
-    args = ap.parse_args()
-    requests = load_edits(args.edits)
+def perfect_editor(cases_jsonl: str, forced_at: dict[str, set[int]]) -> dict:
+    """NS of the unedited model and of a perfect editor (the forced prompts fail, every other prompt keeps
+    the unedited answer) from an unedited evaluation's per-case records, averaged per case as NS is."""
+    unedited, perfect = [], []
+    for line in Path(cases_jsonl).read_text().splitlines():
+        row = json.loads(line)
+        case = next(v for k, v in row.items() if k != "case_id")
+        if case.get("NS") is None or row["case_id"] not in forced_at:
+            continue
+        ok = [p["nll_true"] < p["nll_new"] for p in case["prompts"]["neighborhood"]]
+        unedited.append(sum(ok) / len(ok))
+        perfect.append(sum(o for j, o in enumerate(ok) if j not in forced_at[row["case_id"]]) / len(ok))
+    if not unedited:
+        raise SystemExit(f"{cases_jsonl}: no case with neighbourhood records matches the edits file")
+    ns, best = 100 * sum(unedited) / len(unedited), 100 * sum(perfect) / len(perfect)
+    return {"scored_cases": len(unedited), "unedited_ns": round(ns, 2), "perfect_editor_ns": round(best, 2),
+            "goal_ns": round(ns - 10, 2), "slack": round(best - (ns - 10), 2)}
+
+
+def count(requests) -> tuple[dict, dict]:
+    """(the counts above, {case_id: indices of its forced neighbourhood prompts})."""
     by_subject = defaultdict(list)
     for r in requests:
         by_subject[r.subject].append(r)
     pattern = subject_pattern(by_subject)
     prompts = named = same_true = forced = 0
     forced_share = []
+    forced_at: dict = {}
     for r in requests:
         if not r.neighborhood or not r.target_true:
             continue
-        f = 0
-        for p in r.neighborhood:
+        forced_at[r.case_id] = set()
+        for j, p in enumerate(r.neighborhood):
             prompts += 1
             m = pattern.search(p) if pattern is not None else None
             if not m:
@@ -49,14 +73,25 @@ def main() -> None:
             others = by_subject[m.group(0)]
             same_true += any(o.relation_id == r.relation_id and o.target_true == r.target_true for o in others)
             if any(o.relation_id == r.relation_id and o.target_new == r.target_new for o in others):
-                f += 1
-        forced += f
-        forced_share.append(f / len(r.neighborhood))
-    result = {"edits": args.edits, "cases": len(forced_share), "neighbourhood_prompts": prompts,
-              "name_an_edited_subject": named, "same_relation_and_true_object": same_true,
-              "edited_to_the_cases_new_object": forced,
-              "forced_ns_points": round(100 * sum(forced_share) / len(forced_share), 2),
-              "command": "python bench/overlap.py " + " ".join(sys.argv[1:])}
+                forced_at[r.case_id].add(j)
+        forced += len(forced_at[r.case_id])
+        forced_share.append(len(forced_at[r.case_id]) / len(r.neighborhood))
+    counts = {"cases": len(forced_share), "neighbourhood_prompts": prompts, "name_an_edited_subject": named,
+              "same_relation_and_true_object": same_true, "edited_to_the_cases_new_object": forced,
+              "forced_ns_points": round(100 * sum(forced_share) / max(len(forced_share), 1), 2)}
+    return counts, forced_at
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--edits", default=str(ROOT.parent / "shared/data/counterfact_known_dev.json"))
+    ap.add_argument("--out", default=str(ROOT / "bench/results/overlap.json"))
+    ap.add_argument("--cases", help="cases.jsonl of `memit-pl evaluate` on the unedited model (optional)")
+    args = ap.parse_args()
+    counts, forced_at = count(load_edits(args.edits))
+    result = {"edits": args.edits, **counts, "command": "python bench/overlap.py " + " ".join(sys.argv[1:])}
+    if args.cases:
+        result.update(perfect_editor(args.cases, forced_at))
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
