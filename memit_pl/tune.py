@@ -57,17 +57,24 @@ def _check_ns_metric(ns_metric: str) -> None:
         raise ValueError(f"ns_metric must be one of {NS_METRICS}, got {ns_metric!r}")
 
 
+def excess(r: dict, base: dict, max_ns_drop: float = 5.0, max_ge_drop: float = 5.0, ns_metric: str = "NS") -> dict[str, float]:
+    """How many points ``r`` falls beyond each bound relative to ``base``: {ns_metric: ..., "GE": ...}, 0 within
+    a bound and where ``r`` or ``base`` has no value."""
+    out = {}
+    for k, bound in ((ns_metric, max_ns_drop), ("GE", max_ge_drop)):
+        have = r.get(k) is not None and base.get(k) is not None
+        out[k] = max(0.0, (base[k] - bound) - r[k]) if have else 0.0
+    return out
+
+
 def select(rows: Sequence[dict], base: dict, max_ns_drop: float = 5.0, max_ge_drop: float = 5.0,
            ns_metric: str = "NS") -> tuple[dict, bool]:
     """The row with the best Editing Score among those within the ``ns_metric`` and GE bounds of
     ``base``; when none is, the row that violates the bounds least. Returns (row, within bounds)."""
     _check_ns_metric(ns_metric)
-    m = ns_metric
 
     def violation(r: dict) -> float:
-        ns = max(0.0, (base[m] - max_ns_drop) - r[m]) if r.get(m) is not None and base.get(m) is not None else 0.0
-        ge = max(0.0, (base["GE"] - max_ge_drop) - r["GE"]) if r.get("GE") is not None and base.get("GE") is not None else 0.0
-        return ns + ge
+        return sum(excess(r, base, max_ns_drop, max_ge_drop, ns_metric).values())
 
     feasible = [r for r in rows if violation(r) == 0.0 and r.get("S") is not None]
     if feasible:
@@ -107,6 +114,10 @@ def tune(
     held_base = row(0, editor.evaluate(held))
     store = editor.zs(list(tune_part) + list(held), best)
     held_row = row(len(held), editor.edited_evaluation(held, store, best, "held", eval_requests=held))
+    held_excess = excess(held_row, held_base, max_ns_drop, max_ge_drop, ns_metric)
+    if any(held_excess.values()):
+        log.warning("the chosen point is outside the bounds on the held-back part: %s",
+                    _held_note(held_row, held_base, held_excess, {ns_metric: max_ns_drop, "GE": max_ge_drop}))
     return {
         "n_tune": len(tune_part),
         "n_held": len(held),
@@ -117,8 +128,27 @@ def tune(
         "chosen": {"layers": best.layers, "mom2_update_weight": best.mom2_update_weight, "within_bounds": within},
         "unedited_held": held_base,
         "held": held_row,
+        "held_within_bounds": not any(held_excess.values()),
         "memit": asdict(best),
     }
+
+
+def _held_note(held: dict, base: dict, over: dict[str, float], bounds: dict[str, float]) -> str:
+    """'GE -6.14 (bound −5)': the bounds the held-back point breaks, with its change from ``base``."""
+    return ", ".join(f"{k} {held[k] - base[k]:+.2f} (bound −{bounds[k]:g})" for k, v in over.items() if v > 0)
+
+
+def _held_line(result: dict[str, Any]) -> str:
+    within = result.get("held_within_bounds")
+    if within is None:  # a tune.json written before the held-back check
+        return "held-back part:"
+    if within:
+        return "held-back part (within the bounds):"
+    b = result["bounds"]
+    m = b.get("ns_metric", "NS")
+    over = excess(result["held"], result["unedited_held"], b["max_ns_drop"], b["max_ge_drop"], m)
+    note = _held_note(result["held"], result["unedited_held"], over, {m: b["max_ns_drop"], "GE": b["max_ge_drop"]})
+    return f"held-back part (OUTSIDE the bounds: {note}):"
 
 
 def _bounds(result: dict[str, Any]) -> str:
@@ -142,7 +172,7 @@ def write_tune(out_dir: str | Path, result: dict[str, Any], model_cfg: dict, sta
         f" ({'within' if result['chosen']['within_bounds'] else 'OUTSIDE'} the bounds: {_bounds(result)}),"
         f" for {result['n_tune']} edits in one batch",
         "",
-        "held-back part:",
+        _held_line(result),
         "",
         markdown([{**result["unedited_held"], "which": "unedited"}, {**result["held"], "which": "edited"}], ("which", *COLUMNS)),
     ]

@@ -7,7 +7,7 @@ from memit_pl.edits import EditRequest
 from memit_pl.spec import get_spec
 from memit_pl.sweep import Editor, log_grid, scaling_sweep
 from memit_pl.testing import CORPUS
-from memit_pl.tune import default_windows, select, split, tune
+from memit_pl.tune import default_windows, excess, select, split, tune
 
 FACTS = [("Michael Jordan", "{} plays the sport of", "soccer", "basketball"),
          ("France", "The capital of {} is", "Rome", "Paris"),
@@ -57,6 +57,15 @@ def test_select_can_bound_nsu_instead_of_ns():
         select(rows, base, ns_metric="ES")
 
 
+def test_excess_counts_the_points_beyond_each_bound():
+    base = {"NS": 80, "NSu": 84, "GE": 600}
+    assert excess({"NS": 74, "GE": 594.5}, base) == {"NS": 1.0, "GE": 0.5}
+    assert excess({"NS": 76, "GE": 596}, base) == {"NS": 0.0, "GE": 0.0}
+    assert excess({"NS": 60, "NSu": 78, "GE": None}, base, ns_metric="NSu") == {"NSu": 1.0, "GE": 0.0}
+    assert excess({"NS": 60, "NSu": 78, "GE": 500}, base, max_ns_drop=10, max_ge_drop=200, ns_metric="NSu") == \
+        {"NSu": 0.0, "GE": 0.0}
+
+
 def test_split_and_windows():
     a, b = split(REQUESTS, 0.5, seed=0)
     assert len(a) == 3 and len(b) == 3 and not {r.case_id for r in a} & {r.case_id for r in b}
@@ -97,6 +106,9 @@ def test_lambda_sweep_optimises_no_z_again_and_finds_the_known_best(editor, monk
     assert [r["lam"] for r in result["rows"]] == lambdas
     expected = max(result["rows"], key=lambda r: r["S"])
     assert result["chosen"]["mom2_update_weight"] == expected["lam"] == 10.0
+    # held back: the unedited evaluation ran last at λ 1000 (NS 75), the edit at λ 10 gives NS 52.5: −22.5 of 30
+    assert result["held"]["NS"] == 52.5 and result["unedited_held"]["NS"] == 75.0
+    assert result["held_within_bounds"] is True
     tuned = sorted(c for batch in calls for c in batch)
     assert tuned == sorted(r.case_id for r in REQUESTS)  # every edit's z optimised exactly once
 
@@ -153,3 +165,11 @@ def test_write_tune_outputs_a_loadable_config_that_names_its_batch_size(tmp_path
     assert "λ 100 (within the bounds: NS −5, GE −5), for 6 edits in one batch" in (tmp_path / "tune.md").read_text()
     assert json.loads((tmp_path / "tune.json").read_text())["chosen"]["mom2_update_weight"] == 100.0
     assert (tmp_path / "tune.png").stat().st_size > 0
+    assert "held-back part:" in (tmp_path / "tune.md").read_text()  # a result without the held-back check
+
+    # the chosen point breaks the GE bound on the held-back part: tune.md says which bound and by how much
+    held = {**rows[1], "n": 6, "GE": 594.0}
+    write_tune(tmp_path, {**result, "held": held, "held_within_bounds": False}, {"name": "tiny"}, {}, "tiny")
+    assert "held-back part (OUTSIDE the bounds: GE -6.00 (bound −5)):" in (tmp_path / "tune.md").read_text()
+    write_tune(tmp_path, {**result, "held_within_bounds": True}, {"name": "tiny"}, {}, "tiny")
+    assert "held-back part (within the bounds):" in (tmp_path / "tune.md").read_text()
