@@ -114,11 +114,7 @@ def tune(
     held_base = row(0, editor.evaluate(held))
     store = editor.zs(list(tune_part) + list(held), best)
     held_row = row(len(held), editor.edited_evaluation(held, store, best, "held", eval_requests=held))
-    held_excess = excess(held_row, held_base, max_ns_drop, max_ge_drop, ns_metric)
-    if any(held_excess.values()):
-        log.warning("the chosen point is outside the bounds on the held-back part: %s",
-                    _held_note(held_row, held_base, held_excess, {ns_metric: max_ns_drop, "GE": max_ge_drop}))
-    return {
+    result = {
         "n_tune": len(tune_part),
         "n_held": len(held),
         "seed": seed,
@@ -128,27 +124,24 @@ def tune(
         "chosen": {"layers": best.layers, "mom2_update_weight": best.mom2_update_weight, "within_bounds": within},
         "unedited_held": held_base,
         "held": held_row,
-        "held_within_bounds": not any(held_excess.values()),
         "memit": asdict(best),
     }
+    broken = held_breaks(result)
+    result["held_within_bounds"] = not broken
+    if broken:
+        log.warning("the chosen point is outside the bounds on the held-back part: %s", broken)
+    return result
 
 
-def _held_note(held: dict, base: dict, over: dict[str, float], bounds: dict[str, float]) -> str:
-    """'GE -6.14 (bound −5)': the bounds the held-back point breaks, with its change from ``base``."""
-    return ", ".join(f"{k} {held[k] - base[k]:+.2f} (bound −{bounds[k]:g})" for k, v in over.items() if v > 0)
-
-
-def _held_line(result: dict[str, Any]) -> str:
-    within = result.get("held_within_bounds")
-    if within is None:  # a tune.json written before the held-back check
-        return "held-back part:"
-    if within:
-        return "held-back part (within the bounds):"
+def held_breaks(result: dict[str, Any]) -> str:
+    """The bounds the chosen point breaks on the held-back part, with its change from the unedited model
+    ('GE -6.14 (bound −5)'); empty when it keeps them."""
     b = result["bounds"]
     m = b.get("ns_metric", "NS")
-    over = excess(result["held"], result["unedited_held"], b["max_ns_drop"], b["max_ge_drop"], m)
-    note = _held_note(result["held"], result["unedited_held"], over, {m: b["max_ns_drop"], "GE": b["max_ge_drop"]})
-    return f"held-back part (OUTSIDE the bounds: {note}):"
+    bounds = {m: b["max_ns_drop"], "GE": b["max_ge_drop"]}
+    held, base = result["held"], result["unedited_held"]
+    over = excess(held, base, b["max_ns_drop"], b["max_ge_drop"], m)
+    return ", ".join(f"{k} {held[k] - base[k]:+.2f} (bound −{bounds[k]:g})" for k, v in over.items() if v > 0)
 
 
 def _bounds(result: dict[str, Any]) -> str:
@@ -163,6 +156,7 @@ def write_tune(out_dir: str | Path, result: dict[str, Any], model_cfg: dict, sta
     out_dir = Path(out_dir)
     io.write_json(out_dir / "tune.json", result)
     keys = ("layers", "lam", *COLUMNS)
+    broken = held_breaks(result)
     text = [
         f"tuning part: {result['n_tune']} edits, held-back part: {result['n_held']} edits (seed {result['seed']})",
         "",
@@ -172,7 +166,7 @@ def write_tune(out_dir: str | Path, result: dict[str, Any], model_cfg: dict, sta
         f" ({'within' if result['chosen']['within_bounds'] else 'OUTSIDE'} the bounds: {_bounds(result)}),"
         f" for {result['n_tune']} edits in one batch",
         "",
-        _held_line(result),
+        f"held-back part ({'OUTSIDE the bounds: ' + broken if broken else 'within the bounds'}):",
         "",
         markdown([{**result["unedited_held"], "which": "unedited"}, {**result["held"], "which": "edited"}], ("which", *COLUMNS)),
     ]

@@ -7,7 +7,7 @@ from memit_pl.edits import EditRequest
 from memit_pl.spec import get_spec
 from memit_pl.sweep import Editor, log_grid, scaling_sweep
 from memit_pl.testing import CORPUS
-from memit_pl.tune import default_windows, excess, select, split, tune
+from memit_pl.tune import default_windows, excess, held_breaks, select, split, tune
 
 FACTS = [("Michael Jordan", "{} plays the sport of", "soccer", "basketball"),
          ("France", "The capital of {} is", "Rome", "Paris"),
@@ -165,11 +165,12 @@ def test_write_tune_outputs_a_loadable_config_that_names_its_batch_size(tmp_path
     assert "λ 100 (within the bounds: NS −5, GE −5), for 6 edits in one batch" in (tmp_path / "tune.md").read_text()
     assert json.loads((tmp_path / "tune.json").read_text())["chosen"]["mom2_update_weight"] == 100.0
     assert (tmp_path / "tune.png").stat().st_size > 0
-    assert "held-back part:" in (tmp_path / "tune.md").read_text()  # a result without the held-back check
+    # the held-back line is derived from the numbers: NS 78 and GE 600 against 80 and 600 keep both bounds
+    assert "held-back part (within the bounds):" in (tmp_path / "tune.md").read_text()
 
     # the chosen point breaks the GE bound on the held-back part: tune.md says which bound and by how much
     held = {**rows[1], "n": 6, "GE": 594.0}
-    write_tune(tmp_path, {**result, "held": held, "held_within_bounds": False}, {"name": "tiny"}, {}, "tiny")
+    write_tune(tmp_path, {**result, "held": held}, {"name": "tiny"}, {}, "tiny")
     assert "held-back part (OUTSIDE the bounds: GE -6.00 (bound −5)):" in (tmp_path / "tune.md").read_text()
-    write_tune(tmp_path, {**result, "held_within_bounds": True}, {"name": "tiny"}, {}, "tiny")
-    assert "held-back part (within the bounds):" in (tmp_path / "tune.md").read_text()
+    assert held_breaks({**result, "held": held}) == "GE -6.00 (bound −5)"
+    assert held_breaks(result) == ""
