@@ -4,7 +4,7 @@
 The same as `memit-pl z`; see `--help`.
 """
 
-from memit_pl.cli import main
+from memit_pl.cli.main import main
 
 if __name__ == "__main__":
     import sys

@@ -1,3 +1,3 @@
-from memit_pl.cli import main
+from memit_pl.cli.main import main
 
 raise SystemExit(main())

@@ -1,12 +1,19 @@
-"""Typed configuration: small dataclasses, one per concern, read from YAML by every command."""
+"""Typed configuration: small dataclasses, one per concern, read from YAML by every command.
+
+This module imports no torch: a config can be read, validated and written without loading a model.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from memit_pl.models import DEFAULT_MODEL, DTYPES
+DEFAULT_MODEL = "smollm2-135m"
+"""The model every command and the editor use when none is named."""
+DTYPE_NAMES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16", "float64")
+"""Names a weights' dtype may be given by (``memit_pl.modeling.loading.DTYPES`` maps them to torch)."""
 
 
 class ConfigError(ValueError):
@@ -29,17 +36,19 @@ class ModelConfig:
     """Converted packaged models and statistics; default ``$MEMIT_PL_CACHE`` or ~/.cache/memit_pl."""
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"model.dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"model.dtype must be one of {', '.join(DTYPE_NAMES)}, not {self.dtype!r}")
 
 
 @dataclass
 class MemitConfig:
-    """MEMIT's hyperparameters (names follow the reference code)."""
+    """MEMIT's hyperparameters (names follow the reference code). The defaults are the shipped config of the
+    default model (SmolLM2-135M, ``configs/smollm2-135m.yaml``); the paper's GPT-J settings are in
+    ``configs/gpt-j-6b.yaml``."""
 
-    layers: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7, 8])
+    layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5, 6])
     """Critical MLP layers R; the target layer L is max(R)."""
-    mom2_update_weight: float = 15000.0
+    mom2_update_weight: float = 2000.0
     """λ, the weight of the covariance (preservation) term (Eqn. 14/15)."""
     v_lr: float = 0.5
     """Adam learning rate of δ."""
@@ -84,6 +93,16 @@ class MemitConfig:
     @property
     def target_layer(self) -> int:
         return max(self.layers)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> MemitConfig:
+        """The ``memit:`` section of a YAML config file (defaults for the keys it leaves out)."""
+        return Config.from_file(path).memit
+
+    @classmethod
+    def from_name(cls, name: str) -> MemitConfig:
+        """The ``memit:`` section of a packaged config (``smollm2-135m``, ``gpt-j-6b``, ...)."""
+        return Config.from_name(name).memit
 
 
 @dataclass
@@ -137,6 +156,97 @@ class EvalConfig:
             raise ValueError(f"eval.generation_top_k must be >= 1 (1 is greedy), got {self.generation_top_k}")
         if self.generation_length < 0 or self.max_generation_prompts < 0:
             raise ValueError("eval.generation_length and eval.max_generation_prompts must be >= 0")
+
+
+@dataclass
+class Config:
+    """Every section of a config file: what a run of any command (or a :class:`memit_pl.MEMIT`) uses."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    memit: MemitConfig = field(default_factory=MemitConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> Config:
+        """Sections from a mapping such as a parsed YAML file; unknown sections or keys are errors."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(SECTIONS) - {"command"})
+        if unknown:
+            raise ConfigError(f"{source}: unknown section {unknown[0]!r}; sections are {', '.join(SECTIONS)}")
+        out = {}
+        for name, kind in SECTIONS.items():
+            values = data.get(name) or {}
+            if not isinstance(values, dict):
+                raise ConfigError(f"{source}: section {name!r}: expected a mapping, got {type(values).__name__}")
+            known = {f.name for f in fields(kind)}
+            bad = sorted(set(values) - known)
+            if bad:
+                raise ConfigError(f"{source}: section {name!r}: unknown key {bad[0]!r}")
+            try:
+                out[name] = kind(**values)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{source}: section {name!r}: {exc}") from exc
+        return cls(**out)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Config:
+        """A YAML config file (``configs/*.yaml``)."""
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc
+        return cls.from_dict(data, str(path))
+
+    @classmethod
+    def from_name(cls, name: str) -> Config:
+        """A packaged config by name (the file names in ``configs/`` without ``.yaml``)."""
+        path = packaged_config(name)
+        if path is None:
+            raise ConfigError(f"no packaged config {name!r}; packaged: {', '.join(packaged_configs())}")
+        return cls.from_file(path)
+
+    @classmethod
+    def for_model(cls, name_or_path: str) -> Config | None:
+        """The packaged config made for a model: by config name, else by its ``model.name`` (a Hugging Face
+        id, compared case-insensitively); None when none is."""
+        if packaged_config(name_or_path) is not None:
+            return cls.from_name(name_or_path)
+        for name in packaged_configs():
+            cfg = cls.from_name(name)
+            if name != "tiny-test" and cfg.model.name.lower() == str(name_or_path).lower():
+                return cfg
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _configs_dir():
+    return resources.files("memit_pl") / "resources" / "configs"
+
+
+def packaged_configs() -> list[str]:
+    """Names of the configs shipped with the package."""
+    return sorted(p.name[: -len(".yaml")] for p in _configs_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def packaged_config(name: str) -> Path | None:
+    """The path of a packaged config, or None."""
+    path = _configs_dir() / f"{name}.yaml"
+    return Path(str(path)) if path.is_file() else None
+
+
+def demo_edits_path() -> Path:
+    """The demo facts shipped with the package (``data/demo_edits.jsonl`` in the repository)."""
+    return Path(str(resources.files("memit_pl") / "resources" / "demo_edits.jsonl"))
 
 
 SECTIONS = {

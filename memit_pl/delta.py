@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from memit_pl import io
-from memit_pl.spec import ModelSpec, get_spec
+from memit_pl.modeling.spec import ModelSpec, get_spec
 
 DELTA_FILE = "delta.safetensors"
 
@@ -30,6 +30,22 @@ class EditDelta:
     @property
     def layers(self) -> list[int]:
         return sorted(self.factors)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the factors and metadata to a safetensors file (or ``delta.safetensors`` in a directory)."""
+        return save_delta(path, self)
+
+    @classmethod
+    def load(cls, path: str | Path) -> EditDelta:
+        return load_delta(path)
+
+    def apply(self, model: nn.Module) -> EditDelta:
+        """W_l += Δ_l on ``model`` (checks the family and the shapes first)."""
+        return apply_delta(model, self, 1.0)
+
+    def revert(self, model: nn.Module) -> EditDelta:
+        """W_l −= Δ_l: the weights as they were before :meth:`apply` (up to the weights' rounding)."""
+        return apply_delta(model, self, -1.0)
 
 
 def save_delta(path: str | Path, delta: EditDelta) -> Path:

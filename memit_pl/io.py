@@ -53,3 +53,24 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> tuple[
         raw = f.metadata() or {}
     meta = {k: json.loads(v) for k, v in raw.items()}
     return load_file(str(path), device=str(device)), meta
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend; matplotlib is the optional ``plots`` extra."""
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ImportError("PNG plots need matplotlib: pip install 'memit-pl[plots]'") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | Path, **savefig_kwargs: Any) -> Path:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    plt = pyplot()
+    path = Path(path)
+    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", **savefig_kwargs))
+    plt.close(fig)
+    return path

@@ -8,7 +8,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # ~1 s instead of ~10 ms (thread oversubscription); MEMIT_PL_TEST_THREADS overrides.
 torch.set_num_threads(int(os.environ.get("MEMIT_PL_TEST_THREADS", "1")))
 
-from memit_pl.testing import bpe_tokenizer, tiny_model  # noqa: E402
+from tests.support.tiny import bpe_tokenizer, tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +30,7 @@ def make_model(tok):
 @pytest.fixture(scope="session")
 def smollm2():
     """The packaged SmolLM2-135M (float32, CPU) and its tokenizer; for `slow` tests."""
-    from memit_pl.models import load_model
+    from memit_pl.modeling.loading import load_model
 
     return load_model("smollm2-135m", device="cpu")
 

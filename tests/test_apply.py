@@ -1,13 +1,14 @@
 import pytest
 import torch
 
-import memit_pl.zmodule as zm
-from memit_pl.apply import KeyCollate, apply_memit, keys_and_h, prefix_groups, residual_norms
+import memit_pl.stages.zmodule as zm
 from memit_pl.config import MemitConfig, TrainerConfig
+from memit_pl.data.edits import EditRequest
 from memit_pl.delta import apply_delta, load_delta, save_delta
-from memit_pl.edits import EditRequest
-from memit_pl.hooks import trace
-from memit_pl.spec import get_spec
+from memit_pl.modeling.hooks import trace
+from memit_pl.modeling.spec import get_spec
+from memit_pl.stages import runtime
+from memit_pl.stages.apply import KeyCollate, apply_memit, keys_and_h, prefix_groups, residual_norms
 
 TCFG = TrainerConfig(accelerator="cpu", enable_progress_bar=False)
 REQUESTS = [
@@ -95,8 +96,8 @@ def test_a_norm_after_the_mlp_is_inverted(edited, monkeypatch):
     assert float(after.mean()) < 0.5 * float(before.mean())
     import dataclasses
 
-    from memit_pl import apply as apply_module
-    from memit_pl import spec as spec_module
+    from memit_pl.modeling import spec as spec_module
+    from memit_pl.stages import apply as apply_module
 
     plain = dataclasses.replace(spec_module.SPECS["gemma3_text"], mlp_post_norm=None)
     monkeypatch.setitem(spec_module.SPECS, "gemma3_text", plain)
@@ -124,7 +125,7 @@ def test_apply_then_revert_restores_logits(edited, make_model, tok, tmp_path):
 def test_resume_reuses_saved_layers(edited, make_model, tok, tmp_path, monkeypatch):
     model, store, delta, *_ = edited("llama")
     fresh = make_model("llama")
-    monkeypatch.setattr(zm, "run_predict", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    monkeypatch.setattr(runtime, "predict", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
     cfg = memit_cfg()
     again = apply_memit(fresh, tok, REQUESTS, store, covariances(fresh, cfg.layers), cfg, tmp_path / "run", trainer=TCFG)
     spec = get_spec(model)
@@ -135,7 +136,7 @@ def test_resume_reuses_saved_layers(edited, make_model, tok, tmp_path, monkeypat
 
 def test_sequential_rounds_keep_the_first(edited, make_model, tok, tmp_path):
     """Round 2 with round 1's keys preserved disturbs round 1's edits less than round 2 alone."""
-    from memit_pl.pipeline import previous_keys
+    from memit_pl.stages.pipeline import previous_keys
 
     cfg = memit_cfg(mom2_update_weight=0.5)
     kept = {}
@@ -165,9 +166,9 @@ def test_smollm2_ten_edits_take(smollm2, tmp_path, monkeypatch):
     import yaml
 
     from memit_pl.config import EvalConfig, StatsConfig
-    from memit_pl.edits import load_edits
-    from memit_pl.evaluate import evaluate_requests
-    from memit_pl.pipeline import run_edit
+    from memit_pl.data.edits import load_edits
+    from memit_pl.stages.evaluate import evaluate_requests
+    from memit_pl.stages.pipeline import run_edit
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     root = Path(__file__).resolve().parents[1]

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from memit_pl import cli
-from memit_pl.edits import target_ids
-from memit_pl.predict import top_ids, top_predictions
+from memit_pl.data.edits import target_ids
+from memit_pl.modeling.predict import top_ids, top_predictions
 
 REPO = Path(__file__).parents[1]
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from memit_pl import corpus
-from memit_pl.corpus import (
+from memit_pl.data import corpus
+from memit_pl.data.corpus import (
     ChunkShard,
     CorpusDataModule,
     chunk_dataset,
@@ -18,7 +18,7 @@ from memit_pl.corpus import (
     resolve_corpus,
     strip_markup,
 )
-from memit_pl.testing import CORPUS
+from tests.support.tiny import CORPUS
 
 
 @pytest.fixture(autouse=True)
@@ -113,7 +113,7 @@ def test_auto_is_the_wikipedia_sample_offline_and_falls_back_with_a_warning(monk
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.delenv("HF_DATASETS_OFFLINE")
     monkeypatch.setattr(corpus, "hub_reachable", lambda: False)
-    with caplog.at_level(logging.WARNING, logger="memit_pl.corpus"):
+    with caplog.at_level(logging.WARNING, logger="memit_pl.data.corpus"):
         assert resolve_corpus("auto") == "wikipedia-sample"
     assert "not reachable" in caplog.text
     monkeypatch.setattr(corpus, "hub_reachable", lambda: True)

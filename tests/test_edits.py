@@ -5,7 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from memit_pl.edits import EditFileError, EditRequest, detect_format, fill, load_edits, target_ids, validate
+from memit_pl.data.edits import (
+    EditFileError,
+    EditRequest,
+    detect_format,
+    fill,
+    load_edits,
+    target_ids,
+    validate,
+)
 
 REPO = Path(__file__).parents[1]
 COUNTERFACT = Path(__file__).parents[2] / "shared/data/counterfact_known_dev.json"

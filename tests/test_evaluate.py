@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from memit_pl.config import EvalConfig
+from memit_pl.data.edits import EditRequest, target_ids
 from memit_pl.delta import EditDelta, apply_delta, save_delta
-from memit_pl.edits import EditRequest, target_ids
-from memit_pl.eval_report import aggregate, relation_breakdown, write_reports
-from memit_pl.evaluate import METRICS, evaluate_requests, generate, generate_ids, nsu_of_records
 from memit_pl.metrics.functional import tfidf_cosine
-from memit_pl.spec import get_spec
+from memit_pl.modeling.spec import get_spec
+from memit_pl.stages.eval_report import aggregate, relation_breakdown, write_reports
+from memit_pl.stages.evaluate import METRICS, evaluate_requests, generate, generate_ids, nsu_of_records
 
 CFG = EvalConfig(batch_size=64, generation_length=6, max_generation_prompts=2)
 
@@ -159,7 +159,7 @@ def test_generation_entropy_against_a_hand_count(make_model, tok):
 
 def test_generation_entropy_hand_count_on_fixed_text(make_model, tok, monkeypatch):
     """GE of a case whose generations are fixed texts with a known n-gram count."""
-    import memit_pl.evaluate as ev
+    import memit_pl.stages.evaluate as ev
 
     fixed = ["x y x y x", "x y z"]  # H2: 1 and 1 bit; H3: h(2/3, 1/3) and 0
     monkeypatch.setattr(ev, "generate", lambda model, tok, prompts, n, top_k, seed: fixed[: len(prompts)])
@@ -300,7 +300,7 @@ def counterfact_file(path, requests):
 
 
 def test_cli_before_and_after_a_hand_made_delta(make_model, tok, tmp_path, capsys):
-    from memit_pl.commands.evaluate import main
+    from memit_pl.cli.evaluate import main
 
     model = make_model("gpt2")
     model_dir = tmp_path / "model"
@@ -341,7 +341,7 @@ def test_cli_before_and_after_a_hand_made_delta(make_model, tok, tmp_path, capsy
 
 
 def test_cli_rejects_a_delta_that_does_not_fit_before_evaluating(make_model, tok, tmp_path):
-    from memit_pl.commands.evaluate import main
+    from memit_pl.cli.evaluate import main
 
     model = make_model("llama")
     model.save_pretrained(tmp_path / "model")
@@ -365,7 +365,7 @@ def test_write_reports_for_one_run(make_model, tok, tmp_path):
 
 
 def test_prompt_rows_share_the_prompt_between_single_token_targets():
-    from memit_pl.evaluate import prompt_rows
+    from memit_pl.stages.evaluate import prompt_rows
 
     rows = prompt_rows([5, 6, 7], [("new", [10]), ("true", [11])], kind=0, index=0)
     assert len(rows) == 1 and rows[0].ids == [5, 6, 7]
@@ -383,7 +383,7 @@ def test_smollm2_scores_match_the_reference_algorithm(smollm2):
     (``f"{prompt} {target}"`` tokenised jointly, right padding, full logits), batched = per-record."""
     from pathlib import Path
 
-    from memit_pl.edits import load_edits
+    from memit_pl.data.edits import load_edits
 
     model, tok = smollm2
     path = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "counterfact_known_dev.json"

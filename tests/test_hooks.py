@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from memit_pl.hooks import (
+from memit_pl.modeling.hooks import (
     add_to_output,
     edit_input,
     edit_output,
@@ -13,8 +13,8 @@ from memit_pl.hooks import (
     stop_after,
     trace,
 )
-from memit_pl.spec import get_spec
-from memit_pl.testing import FAMILIES
+from memit_pl.modeling.spec import get_spec
+from tests.support.tiny import FAMILIES
 
 
 def _hooks_of(model: nn.Module) -> set:
@@ -33,7 +33,7 @@ def _hooks_of(model: nn.Module) -> set:
 
 @pytest.fixture(scope="module")
 def models(tok):
-    from memit_pl.testing import tiny_model
+    from tests.support.tiny import tiny_model
 
     out = {}
     for f in FAMILIES:
@@ -207,7 +207,7 @@ def test_add_to_output_exactly_at_positions(models, family, tok):
 
 
 def test_add_to_output_is_differentiable_in_delta(tok):
-    from memit_pl.testing import tiny_model
+    from tests.support.tiny import tiny_model
 
     # GPT-2: its norms compute in the input dtype (Llama's RMSNorm upcasts to float32 only)
     model = tiny_model("gpt2", vocab_size=len(tok), n_layer=2, d_model=16, d_ff=32).double()

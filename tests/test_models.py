@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from memit_pl import models
-from memit_pl.models import (
+from memit_pl.modeling import loading as models
+from memit_pl.modeling.loading import (
     default_cache_dir,
     fingerprint,
     input_device,
@@ -17,8 +17,8 @@ from memit_pl.models import (
     packaged_model_dir,
     resolve_dtype,
 )
-from memit_pl.spec import get_spec
-from memit_pl.testing import tiny_model
+from memit_pl.modeling.spec import get_spec
+from tests.support.tiny import tiny_model
 
 
 @pytest.fixture

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-from test_apply import covariances
 
-import memit_pl.zmodule as zm
-from memit_pl.apply import apply_memit
+import memit_pl.stages.zmodule as zm
 from memit_pl.config import MemitConfig, TrainerConfig
-from memit_pl.edits import EditRequest
-from memit_pl.spec import get_spec
+from memit_pl.data.edits import EditRequest
+from memit_pl.modeling.spec import get_spec
+from memit_pl.stages.apply import apply_memit
+from tests.test_apply import covariances
 
 pytestmark = pytest.mark.multiprocess
 

@@ -5,7 +5,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from memit_pl.edits import EditRequest
+from memit_pl.data.edits import EditRequest
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from memit_pl.cli import main
+from memit_pl.cli.main import main
 from memit_pl.delta import load_delta
-from memit_pl.spec import get_spec
-from memit_pl.testing import CORPUS
+from memit_pl.modeling.spec import get_spec
+from tests.support.tiny import CORPUS
 
 EDITS = [
     {"case_id": "a", "subject": "Michael Jordan", "prompt": "{} plays the sport of", "target_new": "soccer",
@@ -97,10 +97,18 @@ def test_bad_edit_file_fails_before_model_work(setup, tmp_path, capsys):
 def test_model_spread_over_devices_takes_the_in_process_paths(make_model, tok, tmp_path, monkeypatch):
     """A model placed by accelerate over several devices runs statistics, z and the update without
     Lightning moving it; simulated on the CPU with a two-entry device map, the edit equals the normal one."""
-    import memit_pl.zmodule as zm
     from memit_pl.config import MemitConfig, StatsConfig, TrainerConfig
-    from memit_pl.edits import load_edits
-    from memit_pl.pipeline import run_edit
+    from memit_pl.data.edits import load_edits
+    from memit_pl.stages import runtime
+    from memit_pl.stages.pipeline import run_edit
+    from memit_pl.stages.stats import CovarianceModule
+
+    real_predict = runtime.predict
+
+    def no_trainer(cfg, module, **kw):  # the statistics stage still runs in Lightning (README: limits)
+        if not isinstance(module, CovarianceModule):
+            raise AssertionError("Trainer used")
+        return real_predict(cfg, module, **kw)
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     corpus = tmp_path / "corpus.txt"
@@ -116,7 +124,7 @@ def test_model_spread_over_devices_takes_the_in_process_paths(make_model, tok, t
         model = make_model("llama")
         if name == "spread":
             model.hf_device_map = {"model.embed_tokens": "cpu", "model.layers": "cpu:other"}
-            monkeypatch.setattr(zm, "run_predict", lambda *a, **k: (_ for _ in ()).throw(AssertionError("Trainer used")))
+            monkeypatch.setattr(runtime, "predict", no_trainer)
         run_edit(model, tok, requests, memit, stats, tmp_path / name, trainer=tcfg, cache_dir=tmp_path / f"cache-{name}",
                  save_model=False)
         deltas[name] = load_delta(tmp_path / name)

@@ -1,6 +1,6 @@
 import torch
 
-from memit_pl.solve import solve_update, spread_residual, through_post_norm
+from memit_pl.functional.solve import solve_update, spread_residual, through_post_norm
 
 
 def _rand(*shape, seed=0):

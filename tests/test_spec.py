@@ -5,10 +5,10 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from memit_pl import spec as spec_mod
-from memit_pl.hooks import trace
-from memit_pl.spec import ModelSpec, UnknownModelFamily, get_spec, register_spec
-from memit_pl.testing import FAMILIES
+from memit_pl.modeling import spec as spec_mod
+from memit_pl.modeling.hooks import trace
+from memit_pl.modeling.spec import ModelSpec, UnknownModelFamily, get_spec, register_spec
+from tests.support.tiny import FAMILIES
 
 FIELDS = ("block", "mlp", "mlp_out", "attn", "final_norm", "lm_head", "embed")
 D_MODEL, D_FF, N_LAYER = 32, 64, 4
@@ -17,7 +17,7 @@ D_MODEL, D_FF, N_LAYER = 32, 64, 4
 @pytest.fixture(scope="module")
 def models(tok):
     """One tiny model per family (built once for this file)."""
-    from memit_pl.testing import tiny_model
+    from tests.support.tiny import tiny_model
 
     return {f: tiny_model(f, vocab_size=len(tok)) for f in FAMILIES}
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from memit_pl.edits import EditRequest
-from memit_pl.spec import get_spec
-from memit_pl.spread import spread_errors
+from memit_pl.data.edits import EditRequest
+from memit_pl.experiments.spread import spread_errors
+from memit_pl.modeling.spec import get_spec
 
 REQUESTS = [
     EditRequest("0", "Michael Jordan", "{} plays the sport of", "soccer"),

@@ -4,11 +4,13 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
-from memit_pl import hooks, io, stats
+from memit_pl import io
 from memit_pl.config import StatsConfig, TrainerConfig
-from memit_pl.corpus import CorpusDataModule, collate
-from memit_pl.spec import get_spec
-from memit_pl.stats import (
+from memit_pl.data.corpus import CorpusDataModule, collate
+from memit_pl.modeling import hooks
+from memit_pl.modeling.spec import get_spec
+from memit_pl.stages import stats
+from memit_pl.stages.stats import (
     CovarianceModule,
     SecondMoment,
     _second_moment_update,
@@ -17,7 +19,7 @@ from memit_pl.stats import (
     second_moment,
     stats_cache,
 )
-from memit_pl.testing import CORPUS
+from tests.support.tiny import CORPUS
 
 CPU = TrainerConfig(accelerator="cpu", devices=1, enable_progress_bar=False)
 
@@ -266,7 +268,7 @@ def test_bad_input_fails_before_any_work(make_model, tok, text_file, tmp_path):
 
 
 def test_cli_stats(make_model, tok, text_file, tmp_path, capsys):
-    from memit_pl.cli import main
+    from memit_pl.cli.main import main
 
     model_dir = tmp_path / "tiny"
     make_model("gpt2").save_pretrained(model_dir)
@@ -303,13 +305,14 @@ def test_cli_stats(make_model, tok, text_file, tmp_path, capsys):
 
 
 def test_the_stage_also_runs_as_a_test_loop(make_model, tok, text_file, tmp_path):
-    from memit_pl.stats import StatsProgress, build_trainer
+    from memit_pl.stages.runtime import make_trainer
+    from memit_pl.stages.stats import StatsProgress
 
     model = make_model("llama")
     cfg = _cfg(text_file)
     cache = stats_cache(model, tok, cfg, tmp_path)
     dm = CorpusDataModule(tok, cfg.corpus, cfg.n_samples, cfg.seq_len, cfg.batch_size, cfg.seed)
-    build_trainer(CPU, [StatsProgress(cache, [2])]).test(
+    make_trainer(CPU, [StatsProgress(cache, [2])], distributed_sampler=False).test(
         CovarianceModule(model, [2], cfg.dtype), datamodule=dm
     )
     torch.testing.assert_close(cache.load(2), _direct(model, tok, 2, cfg), rtol=1e-5, atol=1e-7)

@@ -8,8 +8,13 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizer
 
-from memit_pl.edits import target_ids
-from memit_pl.tokens import last_token_index, subject_char_end, tokenize_with_subject, tokenize_with_targets
+from memit_pl.data.edits import target_ids
+from memit_pl.modeling.tokens import (
+    last_token_index,
+    subject_char_end,
+    tokenize_with_subject,
+    tokenize_with_targets,
+)
 
 
 class WordTokenizer(PreTrainedTokenizer):
@@ -52,7 +57,7 @@ TOKENIZERS = [
 
 @pytest.fixture(scope="module", params=TOKENIZERS)
 def any_tok(request, tok):
-    from memit_pl.models import load_tokenizer
+    from memit_pl.modeling.loading import load_tokenizer
 
     name = request.param
     if name == "bpe":

@@ -6,8 +6,8 @@ import pytest
 import torch
 import yaml
 
-from memit_pl.edits import EditFileError, target_ids
-from memit_pl.trace import (
+from memit_pl.data.edits import EditFileError, target_ids
+from memit_pl.experiments.trace import (
     ROWS,
     Fact,
     Tracer,
@@ -164,7 +164,7 @@ def test_load_facts_known_schema_and_edits(tmp_path):
 
 
 def test_cli_on_tiny_model(make_model, tok, tmp_path, capsys):
-    from memit_pl.commands.trace import main
+    from memit_pl.cli.trace import main
 
     model = make_model("llama", n_layer=3)
     tracer = Tracer(model, tok, noise_std=0.1, samples=1)

@@ -1,13 +1,14 @@
 import pytest
 import torch
 
-import memit_pl.zmodule as zm
-from memit_pl.config import EvalConfig, MemitConfig, StatsConfig, TrainerConfig
-from memit_pl.edits import EditRequest
-from memit_pl.spec import get_spec
-from memit_pl.sweep import Editor, log_grid, scaling_sweep
-from memit_pl.testing import CORPUS
-from memit_pl.tune import default_windows, excess, held_breaks, select, split, tune
+import memit_pl.stages.zmodule as zm
+from memit_pl.config import Config, EvalConfig, MemitConfig, StatsConfig, TrainerConfig
+from memit_pl.data.edits import EditRequest
+from memit_pl.editor import MEMIT as Editor
+from memit_pl.experiments.sweep import log_grid, scaling_sweep
+from memit_pl.experiments.tune import default_windows, excess, held_breaks, select, split, tune
+from memit_pl.modeling.spec import get_spec
+from tests.support.tiny import CORPUS
 
 FACTS = [("Michael Jordan", "{} plays the sport of", "soccer", "basketball"),
          ("France", "The capital of {} is", "Rome", "Paris"),
@@ -25,9 +26,10 @@ def editor(make_model, tok, tmp_path, monkeypatch):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(CORPUS * 8))
     model = make_model("llama")
-    return Editor(model, tok, StatsConfig(corpus=str(corpus), n_samples=16, seq_len=16), tmp_path / "work",
-                  trainer=TrainerConfig(accelerator="cpu", enable_progress_bar=False), cache_dir=tmp_path / "cache",
-                  eval_cfg=EvalConfig(batch_size=16, generation_length=5, max_generation_prompts=1))
+    cfg = Config(stats=StatsConfig(corpus=str(corpus), n_samples=16, seq_len=16),
+                 trainer=TrainerConfig(accelerator="cpu", enable_progress_bar=False),
+                 eval=EvalConfig(batch_size=16, generation_length=5, max_generation_prompts=1))
+    return Editor(model, tok, cfg, work_dir=tmp_path / "work", cache_dir=tmp_path / "cache")
 
 
 MEMIT = MemitConfig(layers=[1, 2], v_num_grad_steps=3, v_lr=0.05, z_batch_size=2, context_templates=[[3, 1]])
@@ -129,7 +131,7 @@ def test_editor_reuses_a_given_z_store(editor, tmp_path, monkeypatch):
     """A store from an earlier run (``--z_dir``) serves its target layer without new optimisation;
     another target layer gets its own store in the work directory."""
     first = editor.zs(REQUESTS, MEMIT)
-    reuse = Editor(editor.model, editor.tok, editor.stats, tmp_path / "other", trainer=editor.trainer,
+    reuse = Editor(editor.model, editor.tokenizer, editor.config, work_dir=tmp_path / "other",
                    cache_dir=editor.cache_dir, z_dir=editor.work_dir / f"z-L{MEMIT.target_layer}")
     calls = []
     real = zm.optimize_z
@@ -146,7 +148,7 @@ def test_write_tune_outputs_a_loadable_config_that_names_its_batch_size(tmp_path
 
     import yaml
 
-    from memit_pl.tune import write_tune
+    from memit_pl.experiments.tune import write_tune
 
     unedited = {"n": 0, "S": 10.0, "ES": 5.0, "PS": 5.0, "NS": 80.0, "GE": 600.0}
     rows = [{"n": 6, "lam": lam, "layers": "1-2", "window": [1, 2], "S": s, "ES": s, "PS": s, "NS": ns, "GE": 600.0}

@@ -2,16 +2,23 @@ import pytest
 import torch
 
 from memit_pl.config import MemitConfig, TrainerConfig
-from memit_pl.edits import EditRequest, target_ids
-from memit_pl.hooks import edit_output
-from memit_pl.losses import RowAdam, clamp_rows, essence_kl, mean_per_edit, target_nll, target_nll_flat
-from memit_pl.spec import get_spec
-from memit_pl.tail import Tail, align, record_tail, record_tail_cached
-from memit_pl.testing import FAMILIES
-from memit_pl.tokens import tokenize_with_subject
-from memit_pl.z_reference import reference_z
-from memit_pl.zbatch import build_z_batch, by_live_length, live_length
-from memit_pl.zopt import optimize_z
+from memit_pl.data.edits import EditRequest, target_ids
+from memit_pl.functional.losses import (
+    RowAdam,
+    clamp_rows,
+    essence_kl,
+    mean_per_edit,
+    target_nll,
+    target_nll_flat,
+)
+from memit_pl.modeling.hooks import edit_output
+from memit_pl.modeling.spec import get_spec
+from memit_pl.modeling.tail import Tail, align, record_tail, record_tail_cached
+from memit_pl.modeling.tokens import tokenize_with_subject
+from memit_pl.stages.zbatch import build_z_batch, by_live_length, live_length
+from memit_pl.stages.zopt import optimize_z
+from tests.support.tiny import FAMILIES
+from tests.support.z_reference import reference_z
 
 REQUESTS = [
     EditRequest("0", "Michael Jordan", "{} plays the sport of", "soccer"),
@@ -90,7 +97,7 @@ def test_prefix_cache_changes_nothing(make_model, tok, family):
 def test_essence_rows_end_at_the_subject(make_model, tok, cached):
     """The essence rows get their own tail, cut after the subject's last token: with the prefix cache a
     step re-runs one column per essence row; the KL term it reads is the full prompt's."""
-    from memit_pl.zopt import _Rows
+    from memit_pl.stages.zopt import _Rows
 
     model = make_model("llama").double()
     spec = get_spec(model)
@@ -242,7 +249,7 @@ def test_loss_pieces_by_hand():
 
 def test_trainer_stage_store_and_resume(make_model, tok, tmp_path, monkeypatch):
     """A run killed after its first batch, restarted, equals an uninterrupted run."""
-    import memit_pl.zmodule as zm
+    import memit_pl.stages.zmodule as zm
 
     model = make_model("llama")
     cfg = MemitConfig(layers=[1, 2], v_num_grad_steps=4, z_batch_size=2, context_templates=[[3, 2]])
@@ -275,7 +282,7 @@ def test_trainer_stage_store_and_resume(make_model, tok, tmp_path, monkeypatch):
 
 
 def test_store_rejects_other_settings(make_model, tok, tmp_path):
-    import memit_pl.zmodule as zm
+    import memit_pl.stages.zmodule as zm
 
     model = make_model("llama")
     cfg = MemitConfig(layers=[1], v_num_grad_steps=2, context_templates=[[3, 1]])

@@ -1,0 +1,50 @@
+"""Glue shared by the subcommands: the parser with every config section, and model loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from memit_pl import io
+from memit_pl.config import add_sections, sections, to_yaml
+
+
+def make_parser(description: str):
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(description=description, default_meta=False)
+    add_sections(parser)
+    return parser
+
+
+def parse(parser, argv: list[str]) -> tuple[Any, dict[str, Any]]:
+    cfg = parser.parse_args(argv)
+    return cfg, sections(cfg)
+
+
+def load(model_cfg, padding_side: str = "right"):
+    from memit_pl.modeling.loading import load_model
+
+    return load_model(
+        model_cfg.name,
+        dtype=model_cfg.dtype,
+        device=model_cfg.device,
+        device_map=model_cfg.device_map,
+        cache_dir=model_cfg.cache_dir,
+        padding_side=padding_side,
+    )
+
+
+def make_editor(secs: dict[str, Any], model, tok, work_dir: str | Path | None = None, z_dir: str | Path | None = None):
+    """The :class:`memit_pl.MEMIT` of a command: the loaded model and every parsed config section."""
+    from memit_pl.config import Config
+    from memit_pl.editor import MEMIT
+
+    return MEMIT(model, tok, Config(**secs), work_dir=work_dir, cache_dir=secs["model"].cache_dir, z_dir=z_dir)
+
+
+def save_config(out_dir: str | Path, command: str, secs: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+    """Write the resolved config of a run next to its outputs (``config.yaml``)."""
+    path = Path(out_dir) / "config.yaml"
+    io.write_text(path, to_yaml({"command": command, **secs, **(extra or {})}))
+    return path

@@ -1,0 +1,77 @@
+"""``memit-pl edit``: statistics -> z -> apply -> efficacy check, in one run."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from memit_pl.cli._common import load, make_parser, parse, save_config
+from memit_pl.data.edits import EditRequest, load_edits, validate
+
+
+def probe_prompts(requests: Sequence[EditRequest]) -> list[tuple[str, str, str]]:
+    """(rewrite prompt, first paraphrase, first neighbourhood prompt) per request ("" when absent)."""
+    return [(r.text, r.paraphrases[0] if r.paraphrases else "", r.neighborhood[0] if r.neighborhood else "")
+            for r in requests]
+
+
+def predictions(model, tok, requests: Sequence[EditRequest]) -> list[list[str]]:
+    """Top-1 next token for each probe prompt of each request."""
+    from memit_pl.modeling.predict import top_predictions
+
+    flat = [p for trio in probe_prompts(requests) for p in trio if p]
+    preds = dict(zip(flat, (p[0] for p in top_predictions(model, tok, flat, k=1))))
+    return [[preds.get(p, "") if p else "" for p in trio] for trio in probe_prompts(requests)]
+
+
+def table(requests: Sequence[EditRequest], before: list[list[str]], after: list[list[str]]) -> str:
+    """A before -> after table of the top prediction on the rewrite, paraphrase and unrelated prompts."""
+    head = f"{'rewrite prompt':<48} {'new':<11} {'rewrite':<24} {'paraphrase':<24} {'unrelated':<24}"
+    lines = [head, "-" * len(head)]
+    for r, b, a in zip(requests, before, after):
+        cells = [f"{x[:10]} -> {y[:10]}" if (x or y) else "" for x, y in zip(b, a)]
+        lines.append(f"{r.text[:48]:<48} {r.target_new[:11]:<11} {cells[0]:<24} {cells[1]:<24} {cells[2]:<24}")
+    return "\n".join(lines)
+
+
+def run(cfg, secs, command: str) -> int:
+    from memit_pl.stages.pipeline import run_edit
+
+    requests = load_edits(cfg.edits, limit=cfg.limit)  # bad input fails here, before the model loads
+    model, tok = load(secs["model"])
+    validate(requests, tok)
+    out = Path(cfg.out)
+    extra = {"edits": str(cfg.edits), "limit": cfg.limit, "previous": cfg.previous}
+    path = save_config(out, command, secs, extra)
+    before = predictions(model, tok, requests)
+    summary = run_edit(
+        model, tok, requests, secs["memit"], secs["stats"], out, trainer=secs["trainer"],
+        cache_dir=secs["model"].cache_dir, previous=cfg.previous, save_model=cfg.save_model,
+        config_dump={"path": str(path), **extra},
+    )
+    after = predictions(model, tok, requests)
+    t = summary["timings"]
+    sys.stdout.write(
+        table(requests, before, after)
+        + f"\n\n{len(requests)} edits in one batch, layers {summary['layers']}: new object is the top-1 "
+        f"prediction for {100 * summary['top1_new_before']:.0f}% -> {100 * summary['top1_new_after']:.0f}% "
+        f"of the rewrite prompts\nstages: statistics {t['stats_s']:.1f} s, z {t['z_s']:.1f} s, "
+        f"apply {t['apply_s']:.1f} s; outputs in {out}\n"
+    )
+    return 0
+
+
+def add_arguments(parser, out_default: str | None = None) -> None:
+    parser.add_argument("--edits", required=out_default is None, default=None, help="edits file (CounterFact JSON, zsRE JSON or JSONL)")
+    parser.add_argument("--out", required=out_default is None, default=out_default, help="run directory")
+    parser.add_argument("--limit", type=int | None, default=None, help="use only the first N edits")
+    parser.add_argument("--previous", type=list[str], default=[], help="earlier run directories whose edits to keep")
+    parser.add_argument("--save_model", type=bool, default=True, help="write the edited model with save_pretrained")
+
+
+def main(argv: list[str]) -> int:
+    parser = make_parser(__doc__)
+    add_arguments(parser)
+    cfg, secs = parse(parser, argv)
+    return run(cfg, secs, "edit")

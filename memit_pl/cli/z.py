@@ -1,0 +1,33 @@
+"""``memit-pl z`` (also ``train_z.py``): optimise the target vectors z for every edit, resumably."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from memit_pl.cli._common import load, make_parser, parse, save_config
+from memit_pl.data.edits import load_edits, validate
+
+log = logging.getLogger(__name__)
+
+
+def main(argv: list[str]) -> int:
+    parser = make_parser(__doc__)
+    parser.add_argument("--edits", required=True, help="edits file (CounterFact JSON, zsRE JSON or JSONL)")
+    parser.add_argument("--out", required=True, help="z store directory (resumed when it exists)")
+    parser.add_argument("--limit", type=int | None, default=None, help="use only the first N edits")
+    cfg, secs = parse(parser, argv)
+    from memit_pl.stages.zmodule import compute_zs
+
+    requests = load_edits(cfg.edits, limit=cfg.limit)  # bad input fails here, before the model loads
+    model, tok = load(secs["model"])
+    validate(requests, tok)
+    save_config(cfg.out, "z", secs, {"edits": str(cfg.edits), "limit": cfg.limit})
+    store = compute_zs(model, tok, requests, secs["memit"], Path(cfg.out), secs["trainer"])
+    t = store.tensors
+    log.info(
+        "z store %s: %d edits, mean loss %.4f, mean steps %.1f, mean ‖δ‖/‖h‖ %.3f",
+        cfg.out, len(store), float(t["loss"].mean()), float(t["steps"].float().mean()),
+        float((t["delta_norm"] / t["h_norm"]).mean()),
+    )
+    return 0

@@ -1,0 +1,276 @@
+"""The public editor: a model, its tokenizer and a config, and everything reusable across edits of it.
+
+>>> editor = MEMIT.from_pretrained("smollm2-135m")                      # doctest: +SKIP
+>>> delta = editor.edit([EditRequest.of("{} plays the sport of", "Michael Jordan", "baseball")])  # doctest: +SKIP
+
+The CLI commands, ``sweep``, ``tune`` and the benchmarks all go through this class. What does not change
+between edits of one model is computed once: the statistics per layer (cached on disk under ``cache_dir``),
+the z store per target layer (resumable when a ``work_dir`` is given).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from memit_pl.config import Config, ConfigError, MemitConfig
+from memit_pl.data.edits import EditRequest, validate
+from memit_pl.delta import EditDelta
+
+log = logging.getLogger(__name__)
+
+Solver = Callable[[Tensor, Tensor, Tensor, float, "Tensor | None"], tuple[Tensor, Tensor]]
+"""``(keys [n, d_key], resid [n, d_model], cov [d_key, d_key], λ, previous keys or None) -> (A, B)`` with
+Δ = A Bᵀ: the update rule of one layer (default :func:`memit_pl.functional.solve.solve_update`, Eqn. 14)."""
+
+
+def _resolve_config(config: Config | MemitConfig | str | Path | None, model_name: str | None) -> Config:
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, MemitConfig):
+        base = (Config.for_model(model_name) if model_name else None) or Config()
+        return replace(base, memit=config)
+    if config is not None:
+        path = Path(config)
+        if path.suffix in (".yaml", ".yml") or path.is_file():
+            return Config.from_file(path)
+        return Config.from_name(str(config))
+    found = Config.for_model(model_name) if model_name else None
+    if found is None:
+        log.warning("no packaged config for model %r: using the defaults (%s); pass config= to choose",
+                    model_name, "memit_pl.config.MemitConfig")
+        return Config()
+    return found
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode, no parameter gradients: the z steps then build no gradients on the model's weights."""
+    return model.eval().requires_grad_(False)
+
+
+class MEMIT:
+    """Mass-edit a causal LM with MEMIT; also the shared engine of the CLI, ``sweep`` and ``tune``.
+
+    Args:
+        model, tokenizer: any Hugging Face causal LM and its tokenizer (the model is frozen here).
+        config: every section of a run (:class:`memit_pl.config.Config`); default: the packaged config made
+            for the model, else the defaults.
+        work_dir: where z stores and per-layer factors are kept, so an interrupted edit resumes; default a
+            temporary directory removed with the editor.
+        cache_dir: root of the model and statistics caches (default ``$MEMIT_PL_CACHE`` or
+            ``~/.cache/memit_pl``); the statistics are cached under ``<cache_dir>/stats``.
+        solver: the update rule of a layer (see :data:`Solver`); default Eqn. 14.
+        z_dir: an existing z store (e.g. an earlier run's ``z/``) to reuse and extend for its target layer.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        config: Config | MemitConfig | str | Path | None = None,
+        *,
+        work_dir: str | Path | None = None,
+        cache_dir: str | Path | None = None,
+        solver: Solver | None = None,
+        z_dir: str | Path | None = None,
+    ):
+        self.model = freeze(model)
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.config = _resolve_config(config, getattr(model, "memit_name", None) or _hub_name(model))
+        self._tmp = None
+        if work_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="memit_pl-")
+            work_dir = self._tmp.name
+        self.work_dir = Path(work_dir)
+        self.cache_dir = cache_dir if cache_dir is not None else self.config.model.cache_dir
+        self.solver = solver
+        self.z_dir = None if z_dir is None else Path(z_dir)
+        self.z_runs = 0
+        """z optimisations started (a λ sweep starts none twice)."""
+        self._covs: dict[int, Tensor] = {}
+        self._cov_id = ""
+
+    # --- construction ----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_model: str | nn.Module,
+        tokenizer=None,
+        config: Config | MemitConfig | str | Path | None = None,
+        *,
+        work_dir: str | Path | None = None,
+        cache_dir: str | Path | None = None,
+        solver: Solver | None = None,
+        **model_kwargs: Any,
+    ) -> MEMIT:
+        """An editor for a packaged model (``smollm2-135m``, ``gemma3-270m``), a Hugging Face id or local
+        directory, or an already loaded model (then pass its ``tokenizer``).
+
+        ``model_kwargs`` (``dtype``, ``device``, ``device_map``) override the config's ``model`` section.
+        """
+        if isinstance(name_or_model, nn.Module):
+            if tokenizer is None:
+                raise ValueError("MEMIT.from_pretrained: a loaded model needs its tokenizer (tokenizer=...)")
+            return cls(name_or_model, tokenizer, config, work_dir=work_dir, cache_dir=cache_dir, solver=solver)
+        from memit_pl.modeling.loading import load_model
+
+        cfg = _resolve_config(config, str(name_or_model))
+        unknown = set(model_kwargs) - {"dtype", "device", "device_map"}
+        if unknown:
+            raise TypeError(f"MEMIT.from_pretrained got unexpected keyword argument {sorted(unknown)[0]!r}")
+        model_cfg = replace(cfg.model, name=str(name_or_model), **model_kwargs)
+        if cache_dir is not None:
+            model_cfg = replace(model_cfg, cache_dir=str(cache_dir))
+        cfg = replace(cfg, model=model_cfg)
+        model, tok = load_model(model_cfg.name, dtype=model_cfg.dtype, device=model_cfg.device,
+                                device_map=model_cfg.device_map, cache_dir=model_cfg.cache_dir)
+        if tokenizer is not None:
+            tok = tokenizer
+        return cls(model, tok, cfg, work_dir=work_dir, cache_dir=model_cfg.cache_dir, solver=solver)
+
+    @property
+    def memit(self) -> MemitConfig:
+        return self.config.memit
+
+    # --- the stages ------------------------------------------------------------------------------------
+
+    def check(self, requests: Sequence[EditRequest], memit: MemitConfig | None = None) -> None:
+        """Validate requests and layers against this model before any expensive work (one-line errors)."""
+        from memit_pl.modeling.spec import get_spec
+
+        memit = memit or self.memit
+        if not requests:
+            raise ValueError("no edit requests")
+        validate(requests, self.tokenizer)
+        n_layers = get_spec(self.model).n_layers(self.model)
+        bad = [x for x in memit.layers if not 0 <= x < n_layers]
+        if bad:
+            raise ConfigError(f"memit.layers {bad} out of range: the model has layers 0..{n_layers - 1}")
+
+    def covariances(self, layers: Sequence[int] | None = None) -> dict[int, Tensor]:
+        """E[k kᵀ] of each layer (float32, CPU), from the statistics cache or computed once."""
+        from memit_pl.stages.pipeline import covariances
+
+        layers = list(self.memit.layers if layers is None else layers)
+        missing = [layer for layer in layers if layer not in self._covs]
+        if missing:
+            covs, self._cov_id = covariances(self.model, self.tokenizer, MemitConfig(layers=sorted(missing)),
+                                             self.config.stats, self.cache_dir, self.config.trainer)
+            self._covs.update(covs)
+        return {layer: self._covs[layer] for layer in layers}
+
+    def zs(self, requests: Sequence[EditRequest], memit: MemitConfig | None = None):
+        """The z store of target layer max(R) holding every request (optimised once; resumed from disk)."""
+        from memit_pl.stages.zmodule import compute_zs
+        from memit_pl.stages.zstore import STORE_FILE, load_store
+
+        memit = memit or self.memit
+        self.z_runs += 1
+        store_dir = self.work_dir / f"z-L{memit.target_layer}"
+        if self.z_dir is not None:
+            layer = load_store(self.z_dir).layer if (self.z_dir / STORE_FILE).exists() else None
+            if layer in (None, memit.target_layer):
+                store_dir = self.z_dir
+        return compute_zs(self.model, self.tokenizer, requests, memit, store_dir, self.config.trainer)
+
+    def apply(self, requests: Sequence[EditRequest], store, memit: MemitConfig | None = None, *,
+              out_dir: str | Path | None = None, prev_keys: dict[int, Tensor] | None = None,
+              prev_ids: Sequence[str] = ()) -> EditDelta:
+        """The ascending-layer update from a z store, in place; per-layer factors kept in ``out_dir``."""
+        from memit_pl.stages.apply import apply_memit
+
+        memit = memit or self.memit
+        out_dir = Path(out_dir) if out_dir is not None else self.work_dir / _tag(requests, memit)
+        return apply_memit(self.model, self.tokenizer, requests, store, self.covariances(memit.layers), memit,
+                           out_dir, trainer=self.config.trainer, prev_keys=prev_keys,
+                           cov_ids={layer: self._cov_id for layer in memit.layers}, prev_ids=list(prev_ids),
+                           solver=self.solver)
+
+    def edit(self, requests: Sequence[EditRequest], memit: MemitConfig | None = None, *,
+             prev_keys: dict[int, Tensor] | None = None) -> EditDelta:
+        """Write every request into the model in one batch (in place) and return the delta.
+
+        ``prev_keys`` (layer -> keys of earlier rounds) join the preserved term, so a second round does not
+        overwrite the first (:meth:`keys` of an earlier delta gives them).
+        """
+        memit = memit or self.memit
+        self.check(requests, memit)
+        self.covariances(memit.layers)  # statistics first: cached, and needed by the update anyway
+        store = self.zs(requests, memit)
+        delta = self.apply(requests, store, memit, prev_keys=prev_keys)
+        delta.metadata.update({"memit": asdict(memit), "z_mean_loss": float(store.tensors["loss"].mean())})
+        return delta
+
+    @contextmanager
+    def edited(self, requests: Sequence[EditRequest], memit: MemitConfig | None = None) -> Iterator[EditDelta]:
+        """Edit inside the block; on exit the edited weights are put back exactly as they were."""
+        memit = memit or self.memit
+        with restored(self.model, memit.layers):
+            yield self.edit(requests, memit)
+
+    def evaluate(self, requests: Sequence[EditRequest], **kwargs: Any) -> dict[str, Any]:
+        """CounterFact / zsRE metrics of the model as it is now (see :func:`memit_pl.stages.evaluate.evaluate_requests`)."""
+        from memit_pl.stages.evaluate import evaluate_requests
+
+        return evaluate_requests(self.model, self.tokenizer, requests, self.config.eval, **kwargs)
+
+    def edited_evaluation(self, requests: Sequence[EditRequest], store, memit: MemitConfig, tag: str,
+                          eval_requests: Sequence[EditRequest] | None = None) -> dict[str, Any]:
+        """Edit with ``requests`` from a z store, evaluate (on ``eval_requests``, default the edited ones),
+        restore the weights."""
+        with restored(self.model, memit.layers):
+            self.apply(requests, store, memit, out_dir=self.work_dir / tag)
+            return self.evaluate(eval_requests if eval_requests is not None else requests)
+
+    def predict(self, prompts: str | Sequence[str], k: int = 1) -> list[str] | list[list[str]]:
+        """The ``k`` most likely next tokens after a prompt (a list per prompt for a list of prompts)."""
+        from memit_pl.modeling.predict import top_predictions
+
+        single = isinstance(prompts, str)
+        out = top_predictions(self.model, self.tokenizer, [prompts] if single else list(prompts), k=k)
+        return out[0] if single else out
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """The (edited) model and its tokenizer as a Hugging Face directory (safetensors)."""
+        path = Path(path)
+        self.model.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+        return path
+
+
+def _hub_name(model: nn.Module) -> str | None:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "_name_or_path", None) or None
+
+
+def _tag(requests: Sequence[EditRequest], memit: MemitConfig) -> str:
+    data = json.dumps({"cases": [r.case_id for r in requests], "memit": asdict(memit)}, sort_keys=True)
+    return "edit-" + hashlib.sha256(data.encode()).hexdigest()[:12]
+
+
+@contextmanager
+def restored(model: nn.Module, layers: Sequence[int]):
+    """Put the given layers' edited weights back exactly as they were when the block ends."""
+    from memit_pl.modeling.spec import get_spec
+
+    spec = get_spec(model)
+    saved = {layer: spec.out_weight(model, layer).detach().clone() for layer in layers}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for layer, w in saved.items():
+                spec.out_weight(model, layer).copy_(w)

@@ -1,0 +1,120 @@
+"""Experiments that edit the same model many times: the scaling sweep (the paper's Figure 5) and the
+λ / layer search of ``tune``. Everything that does not change between points is computed once:
+statistics per layer, z per target layer L (z depends on nothing else), the unedited evaluation."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from memit_pl import io
+from memit_pl.config import MemitConfig
+from memit_pl.data.edits import EditRequest
+from memit_pl.editor import MEMIT, restored  # noqa: F401  (restored: re-exported for experiments)
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("S", "ES", "PS", "NS", "NSu", "GE")
+
+
+def log_grid(n_max: int) -> list[int]:
+    """1, 10, 100, ... below ``n_max``, then ``n_max`` itself."""
+    grid = [10**k for k in range(int(math.log10(max(n_max, 1))) + 1) if 10**k < n_max]
+    return [*grid, n_max]
+
+
+def row(n: int, result: dict[str, Any], **extra) -> dict[str, Any]:
+    m = result["metrics"]
+    return {"n": n, **extra, **{k: (round(m[k], 2) if m.get(k) is not None else None) for k in COLUMNS}}
+
+
+def scaling_sweep(editor: MEMIT, requests: Sequence[EditRequest], memit: MemitConfig, grid: Sequence[int],
+                  lambdas: Sequence[float] | None = None) -> list[dict]:
+    """Rows {n, S, ES, PS, NS, NSu, GE} for the unedited model (n = 0, on all cases) and for the first n
+    cases edited in one batch (evaluated on those n); z is computed once for all cases. Each edited row
+    also has ``NSu_unedited``: the unedited model's NSu on the same prompts (those cases, those subjects).
+    With ``lambdas``, one row per λ and n (each with its ``lam``); z does not depend on λ."""
+    from memit_pl.stages.evaluate import nsu_of_records
+
+    store = editor.zs(requests, memit)
+    unedited = editor.evaluate(requests)
+    rows = [row(0, unedited)]
+    log.info("sweep n=0: %s", rows[-1])
+    for lam in lambdas or [None]:
+        point = memit if lam is None else replace(memit, mom2_update_weight=float(lam))
+        for n in grid:
+            base = nsu_of_records(unedited["cases"][:n], [r.subject for r in requests[:n]])
+            extra = {} if lam is None else {"lam": float(lam)}
+            tag = f"n{n}" if lam is None else f"n{n}_lam{lam:g}"
+            rows.append(row(n, editor.edited_evaluation(requests[:n], store, point, tag),
+                            NSu_unedited=None if base is None else round(base, 2), **extra))
+            log.info("sweep %s: %s", tag, rows[-1])
+    return rows
+
+
+def plot_rows(rows: Sequence[dict], x: str, path: str | Path, title: str, group: str | None = None,
+              log_x: bool = True, baseline: dict | None = None) -> Path:
+    """ES/PS/NS/NSu/GE (and S) against ``x``; one line style per ``group`` value when given; the unedited
+    model (``baseline``, else the row with ``x`` = 0) as thin horizontal lines."""
+    plt = io.pyplot()
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    groups = sorted({r.get(group) for r in rows}, key=str) if group else [None]
+    styles = ["-", "--", ":", "-."]
+    for gi, g in enumerate(groups):
+        sel = [r for r in rows if (group is None or r.get(group) == g) and r[x] > 0]
+        xs = [r[x] for r in sel]
+        label = f" ({group} {g})" if group else ""
+        for k, colour in zip(("S", "ES", "PS", "NS", "NSu"), ("black", "tab:blue", "tab:orange", "tab:green", "tab:olive")):
+            pts = [(xv, r[k]) for xv, r in zip(xs, sel) if r.get(k) is not None]
+            if pts:
+                axes[0].plot(*zip(*pts), styles[gi % 4], color=colour, marker="o", ms=3, label=k + label)
+        ge = [(xv, r["GE"]) for xv, r in zip(xs, sel) if r.get("GE") is not None]
+        if ge:
+            axes[1].plot(*zip(*ge), styles[gi % 4], color="tab:red", marker="o", ms=3, label="GE" + label)
+    if not any(r.get("GE") is not None for r in rows):
+        axes[1].text(0.5, 0.5, "Generation Entropy not measured", ha="center", va="center", transform=axes[1].transAxes)
+    base = [baseline] if baseline is not None else [r for r in rows if r[x] == 0]
+    if base:
+        for k, colour in zip(("ES", "PS", "NS", "NSu"), ("tab:blue", "tab:orange", "tab:green", "tab:olive")):
+            if base[0].get(k) is not None:
+                axes[0].axhline(base[0][k], color=colour, lw=0.6, alpha=0.5)
+        if base[0].get("GE") is not None:
+            axes[1].axhline(base[0]["GE"], color="tab:red", lw=0.6, alpha=0.5)
+    for ax, ylabel in zip(axes, ("success rate (%)", "generation entropy (×100)")):
+        if log_x:
+            ax.set_xscale("log")
+        ax.set_xlabel(x)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(title + ("  (thin lines: unedited model)" if base else ""))
+    fig.tight_layout()
+    return io.save_figure(fig, path, dpi=120)
+
+
+def markdown(rows: Sequence[dict], keys: Sequence[str]) -> str:
+    def fmt(v):
+        return "—" if v is None else (f"{v:g}" if isinstance(v, (int, float)) else str(v))
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_sweep(out_dir: str | Path, rows: list[dict], meta: dict[str, Any]) -> None:
+    out_dir = Path(out_dir)
+    io.write_json(out_dir / "sweep.json", {**meta, "rows": rows})
+    lam = any("lam" in r for r in rows)
+    io.write_text(out_dir / "sweep.md", markdown(rows, ("n", *(("lam",) if lam else ()), *COLUMNS, "NSu_unedited")) + "\n")
+    plot_rows(rows, "n", out_dir / "sweep.png", f"{meta.get('model')}: edits in one batch", group="lam" if lam else None,
+              baseline=rows[0] if lam else None)
+
+
+def with_layers(memit: MemitConfig, layers: Sequence[int], lam: float | None = None) -> MemitConfig:
+    return replace(memit, layers=list(layers), mom2_update_weight=memit.mom2_update_weight if lam is None else lam)
