@@ -172,13 +172,18 @@ class MEMIT:
             self._covs.update(covs)
         return {layer: self._covs[layer] for layer in layers}
 
-    def zs(self, requests: Sequence[EditRequest], memit: MemitConfig | None = None):
-        """The z store of target layer max(R) holding every request (optimised once; resumed from disk)."""
+    def zs(self, requests: Sequence[EditRequest], memit: MemitConfig | None = None, *,
+           store_dir: str | Path | None = None, config_dump: dict | None = None):
+        """The z store of target layer max(R) holding every request (optimised once; resumed from disk);
+        ``store_dir`` default: ``<work_dir>/z-L<L>``, or the editor's ``z_dir`` for its own target layer."""
         from memit_pl.stages.zmodule import compute_zs
         from memit_pl.stages.zstore import STORE_FILE, load_store
 
         memit = memit or self.memit
         self.z_runs += 1
+        if store_dir is not None:
+            return compute_zs(self.model, self.tokenizer, requests, memit, Path(store_dir), self.config.trainer,
+                              config_dump)
         store_dir = self.work_dir / f"z-L{memit.target_layer}"
         if self.z_dir is not None:
             layer = load_store(self.z_dir).layer if (self.z_dir / STORE_FILE).exists() else None

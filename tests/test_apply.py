@@ -165,8 +165,9 @@ def test_smollm2_ten_edits_take(smollm2, tmp_path, monkeypatch):
 
     import yaml
 
-    from memit_pl.config import EvalConfig, StatsConfig
+    from memit_pl.config import Config, EvalConfig, StatsConfig
     from memit_pl.data.edits import load_edits
+    from memit_pl.editor import MEMIT
     from memit_pl.stages.evaluate import evaluate_requests
     from memit_pl.stages.pipeline import run_edit
 
@@ -179,8 +180,9 @@ def test_smollm2_ten_edits_take(smollm2, tmp_path, monkeypatch):
     spec = get_spec(model)
     original = {layer: spec.out_weight(model, layer).clone() for layer in memit.layers}
     try:
-        summary = run_edit(model, tok, requests, memit, StatsConfig(corpus="wikipedia-sample", n_samples=100),
-                           tmp_path, trainer=TCFG, save_model=False)
+        editor = MEMIT(model, tok, Config(memit=memit, stats=StatsConfig(corpus="wikipedia-sample", n_samples=100),
+                                          trainer=TCFG), work_dir=tmp_path)
+        summary = run_edit(editor, requests, tmp_path, save_model=False)
         res = evaluate_requests(model, tok, requests, EvalConfig(max_generation_prompts=0))
         assert res["metrics"]["ES"] >= 90.0
         assert summary["top1_new_after"] >= 0.8

@@ -97,8 +97,9 @@ def test_bad_edit_file_fails_before_model_work(setup, tmp_path, capsys):
 def test_model_spread_over_devices_takes_the_in_process_paths(make_model, tok, tmp_path, monkeypatch):
     """A model placed by accelerate over several devices runs statistics, z and the update without
     Lightning moving it; simulated on the CPU with a two-entry device map, the edit equals the normal one."""
-    from memit_pl.config import MemitConfig, StatsConfig, TrainerConfig
+    from memit_pl.config import Config, MemitConfig, StatsConfig, TrainerConfig
     from memit_pl.data.edits import load_edits
+    from memit_pl.editor import MEMIT
     from memit_pl.stages import runtime
     from memit_pl.stages.pipeline import run_edit
     from memit_pl.stages.stats import CovarianceModule
@@ -125,8 +126,9 @@ def test_model_spread_over_devices_takes_the_in_process_paths(make_model, tok, t
         if name == "spread":
             model.hf_device_map = {"model.embed_tokens": "cpu", "model.layers": "cpu:other"}
             monkeypatch.setattr(runtime, "predict", no_trainer)
-        run_edit(model, tok, requests, memit, stats, tmp_path / name, trainer=tcfg, cache_dir=tmp_path / f"cache-{name}",
-                 save_model=False)
+        editor = MEMIT(model, tok, Config(memit=memit, stats=stats, trainer=tcfg), work_dir=tmp_path / name,
+                       cache_dir=tmp_path / f"cache-{name}")
+        run_edit(editor, requests, tmp_path / name, save_model=False)
         deltas[name] = load_delta(tmp_path / name)
     for layer in (1, 2):
         torch.testing.assert_close(deltas["spread"].dense(layer), deltas["normal"].dense(layer), atol=1e-5, rtol=1e-4)

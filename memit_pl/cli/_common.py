@@ -22,10 +22,12 @@ def parse(parser, argv: list[str]) -> tuple[Any, dict[str, Any]]:
     return cfg, sections(cfg)
 
 
-def load(model_cfg, padding_side: str = "right"):
+def load(model_cfg, padding_side: str = "right", memit_cfg=None):
+    """The model and tokenizer of the ``model`` section; with ``memit_cfg``, its layers are checked against
+    the model (a one-line error, not a traceback deep in a stage)."""
     from memit_pl.modeling.loading import load_model
 
-    return load_model(
+    model, tok = load_model(
         model_cfg.name,
         dtype=model_cfg.dtype,
         device=model_cfg.device,
@@ -33,6 +35,19 @@ def load(model_cfg, padding_side: str = "right"):
         cache_dir=model_cfg.cache_dir,
         padding_side=padding_side,
     )
+    if memit_cfg is not None:
+        check_layers(model, memit_cfg)
+    return model, tok
+
+
+def check_layers(model, memit_cfg) -> None:
+    from memit_pl.config import ConfigError
+    from memit_pl.modeling.spec import get_spec
+
+    n_layers = get_spec(model).n_layers(model)
+    bad = [x for x in memit_cfg.layers if not 0 <= x < n_layers]
+    if bad:
+        raise ConfigError(f"memit.layers {bad} out of range: the model has layers 0..{n_layers - 1}")
 
 
 def make_editor(secs: dict[str, Any], model, tok, work_dir: str | Path | None = None, z_dir: str | Path | None = None):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from memit_pl.cli._common import load, make_parser, parse, save_config
-from memit_pl.data.edits import load_edits, validate
+from memit_pl.cli._common import load, make_editor, make_parser, parse, save_config
+from memit_pl.data.edits import load_edits
 
 log = logging.getLogger(__name__)
 
@@ -24,16 +24,14 @@ def main(argv: list[str]) -> int:
     from memit_pl.stages.zstore import load_store
 
     requests = load_edits(cfg.edits, limit=cfg.limit)  # bad input fails here, before the model loads
-    model, tok = load(secs["model"])
-    validate(requests, tok)
+    model, tok = load(secs["model"], memit_cfg=secs["memit"])
+    editor = make_editor(secs, model, tok, work_dir=cfg.out)
+    editor.check(requests)
     store = load_store(cfg.z)
     extra = {"edits": str(cfg.edits), "z": str(cfg.z), "previous": cfg.previous}
     path = save_config(cfg.out, "apply", secs, extra)
-    summary = apply_stage(
-        model, tok, requests, store, secs["memit"], secs["stats"], Path(cfg.out), trainer=secs["trainer"],
-        cache_dir=secs["model"].cache_dir, previous=cfg.previous, save_model=cfg.save_model,
-        config_dump={"path": str(path), **extra},
-    )
+    summary = apply_stage(editor, requests, store, Path(cfg.out), previous=cfg.previous, save_model=cfg.save_model,
+                          config_dump={"path": str(path), **extra})
     log.info("applied %d edits to layers %s; mean ‖z−h^L‖ %.3f -> %.3f", len(requests), secs["memit"].layers,
              summary["resid_norm_before"], summary["resid_norm_after"])
     return 0

@@ -6,8 +6,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from memit_pl.cli._common import load, make_parser, parse, save_config
-from memit_pl.data.edits import EditRequest, load_edits, validate
+from memit_pl.cli._common import load, make_editor, make_parser, parse, save_config
+from memit_pl.data.edits import EditRequest, load_edits
 
 
 def probe_prompts(requests: Sequence[EditRequest]) -> list[tuple[str, str, str]]:
@@ -39,17 +39,15 @@ def run(cfg, secs, command: str) -> int:
     from memit_pl.stages.pipeline import run_edit
 
     requests = load_edits(cfg.edits, limit=cfg.limit)  # bad input fails here, before the model loads
-    model, tok = load(secs["model"])
-    validate(requests, tok)
+    model, tok = load(secs["model"], memit_cfg=secs["memit"])
+    editor = make_editor(secs, model, tok, work_dir=cfg.out)
+    editor.check(requests)  # records and layers against this model, before any expensive work
     out = Path(cfg.out)
     extra = {"edits": str(cfg.edits), "limit": cfg.limit, "previous": cfg.previous}
     path = save_config(out, command, secs, extra)
     before = predictions(model, tok, requests)
-    summary = run_edit(
-        model, tok, requests, secs["memit"], secs["stats"], out, trainer=secs["trainer"],
-        cache_dir=secs["model"].cache_dir, previous=cfg.previous, save_model=cfg.save_model,
-        config_dump={"path": str(path), **extra},
-    )
+    summary = run_edit(editor, requests, out, previous=cfg.previous, save_model=cfg.save_model,
+                       config_dump={"path": str(path), **extra})
     after = predictions(model, tok, requests)
     t = summary["timings"]
     sys.stdout.write(

@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(module.main(rest) or 0)
-    except (EditFileError, FileNotFoundError, ConfigError) as exc:  # bad input: one line, no traceback
+    except (EditFileError, FileNotFoundError, ConfigError, ImportError) as exc:  # bad input: one line, no traceback
+        if isinstance(exc, ImportError) and "pip install" not in str(exc):
+            raise  # a broken installation, not a missing optional extra: keep the traceback
         msg = " ".join(str(exc).split()) or type(exc).__name__
         sys.stderr.write(f"memit-pl {name}: error: {msg}\n")
         return 2

@@ -27,7 +27,7 @@ def main(argv: list[str]) -> int:
     if cfg.n < 1:
         raise SystemExit("memit-pl spread: --n must be >= 1")
     requests = load_edits(cfg.edits, limit=cfg.n)
-    model, tok = load(secs["model"])
+    model, tok = load(secs["model"], memit_cfg=secs["memit"])
     validate(requests, tok)
     memit = secs["memit"]
     windows = cfg.windows or [list(memit.layers)]

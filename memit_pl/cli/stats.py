@@ -17,7 +17,7 @@ def main(argv: list[str]) -> int:
     parser = make_parser(__doc__)
     cfg, secs = parse(parser, argv)
     check_stats_config(secs["stats"])
-    model, tok = load(secs["model"])
+    model, tok = load(secs["model"], memit_cfg=secs["memit"])
     layers = secs["memit"].layers
     root = Path(secs["model"].cache_dir) if secs["model"].cache_dir else default_cache_dir()
     cache_dir = root / "stats"

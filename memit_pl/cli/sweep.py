@@ -22,7 +22,7 @@ def main(argv: list[str]) -> int:
     from memit_pl.experiments.sweep import log_grid, scaling_sweep, write_sweep
 
     requests = load_edits(cfg.edits, limit=cfg.limit)
-    model, tok = load(secs["model"])
+    model, tok = load(secs["model"], memit_cfg=secs["memit"])
     validate(requests, tok)
     out = Path(cfg.out)
     save_config(out, "sweep", secs, {"edits": str(cfg.edits), "limit": cfg.limit, "grid": cfg.grid,

@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
     from memit_pl.modeling.spec import get_spec
 
     requests = load_edits(cfg.edits, limit=cfg.limit)
-    model, tok = load(secs["model"])
+    model, tok = load(secs["model"], memit_cfg=secs["memit"])
     validate(requests, tok)
     out = Path(cfg.out)
     save_config(out, "tune", secs, {"edits": str(cfg.edits), "lambdas": cfg.lambdas, "windows": cfg.windows})

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from memit_pl.cli._common import load, make_parser, parse, save_config
-from memit_pl.data.edits import load_edits, validate
+from memit_pl.cli._common import load, make_editor, make_parser, parse, save_config
+from memit_pl.data.edits import load_edits
 
 log = logging.getLogger(__name__)
 
@@ -17,13 +17,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="z store directory (resumed when it exists)")
     parser.add_argument("--limit", type=int | None, default=None, help="use only the first N edits")
     cfg, secs = parse(parser, argv)
-    from memit_pl.stages.zmodule import compute_zs
-
     requests = load_edits(cfg.edits, limit=cfg.limit)  # bad input fails here, before the model loads
-    model, tok = load(secs["model"])
-    validate(requests, tok)
+    model, tok = load(secs["model"], memit_cfg=secs["memit"])
+    editor = make_editor(secs, model, tok, work_dir=cfg.out)
+    editor.check(requests)
     save_config(cfg.out, "z", secs, {"edits": str(cfg.edits), "limit": cfg.limit})
-    store = compute_zs(model, tok, requests, secs["memit"], Path(cfg.out), secs["trainer"])
+    store = editor.zs(requests, store_dir=Path(cfg.out))
     t = store.tensors
     log.info(
         "z store %s: %d edits, mean loss %.4f, mean steps %.1f, mean ‖δ‖/‖h‖ %.3f",

@@ -205,7 +205,10 @@ def _drop_node(node) -> bool:
 
 def strip_markup(wikitext: str) -> str:
     """Plain text of a MediaWiki article: references, tables, files, categories and templates dropped."""
-    import mwparserfromhell as mw
+    try:
+        import mwparserfromhell as mw
+    except ImportError as exc:
+        raise ImportError("the Wikipedia sample corpus needs mwparserfromhell: pip install 'memit-pl[wikipedia]'") from exc
 
     code = mw.parse(wikitext)
     kept = mw.wikicode.Wikicode([n for n in code.nodes if not _drop_node(n)])

