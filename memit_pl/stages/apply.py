@@ -181,37 +181,50 @@ class LayerUpdate(Callback):
         self.finish(trainer, pl_module)
 
     def finish(self, trainer: L.Trainer | None, module: ApplyModule) -> None:
+        """Gather, solve, write Δ_l into the weight, save the layer's factors."""
+        layer = module.layer
+        keys, h, m = self.collect(trainer, layer)
+        keys, resid = layer_targets(module.spec, module.model, layer, keys, h, m, self.z, self.layers_left)
+        weight = module.spec.out_weight(module.model, layer)
+        a, b = self.solver(keys.to(weight.device), resid.to(weight.device), self.covs[layer].to(weight.device),
+                           self.lam, self.prev_keys.get(layer))
+        add_to_weight(module.spec, module.model, layer, a @ b.T)
+        module.applied.add(layer)
+        resid_norm = (self.z - h).norm(dim=-1)
+        if trainer is None or trainer.is_global_zero:
+            io.save_tensors(layer_file(self.out_dir, layer), {"A": a, "B": b, "keys": keys, "resid_norm": resid_norm},
+                            {"key": self.key, "layer": layer, "case_ids": self.case_ids})
+        if trainer is not None:
+            trainer.strategy.barrier()
+        rank_zero_info(f"layer {layer}: ‖Δ‖={float((a @ b.T).norm()):.4f}, mean ‖z−h^L‖={float(resid_norm.mean()):.4f}")
+
+    def collect(self, trainer: L.Trainer | None, layer: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(keys [n, d_key], h^L [n, d_model], W k [n, d_model] or None) in the order of ``case_ids``."""
         got = _gather(trainer, self.outputs)
         missing = [c for c in self.case_ids if c not in got]
         if missing:
-            raise RuntimeError(f"layer {module.layer}: no keys for {len(missing)} cases, e.g. {missing[:3]}")
+            raise RuntimeError(f"layer {layer}: no keys for {len(missing)} cases, e.g. {missing[:3]}")
         keys = torch.stack([got[c][0] for c in self.case_ids])
         h = torch.stack([got[c][1] for c in self.case_ids])
-        layer = module.layer
-        weight = module.spec.out_weight(module.model, layer)
-        resid = spread_residual(self.z.to(h.dtype), h, self.layers_left)
-        if module.spec.mlp_post_norm is not None:
-            # the stream gets norm(W k): target W k through the norm, and weigh each edit by 1 / rms(W k)
-            # as the statistics weigh each corpus key (both terms of Eqn. 14 then in the stream's units)
-            m = torch.stack([got[c][2] for c in self.case_ids])
-            norm = module.spec.module(module.model, "mlp_post_norm", layer)
-            dev = next(norm.parameters()).device
-            resid = through_post_norm(norm, m.to(dev), resid.to(dev)).cpu()
-            scale = 1.0 / output_rms(m).unsqueeze(-1)
-            keys, resid = keys * scale, resid * scale
-        a, b = self.solver(keys.to(weight.device), resid.to(weight.device), self.covs[layer].to(weight.device),
-                            self.lam, self.prev_keys.get(layer))
-        add_to_weight(module.spec, module.model, layer, a @ b.T)
-        module.applied.add(layer)
-        if trainer is None or trainer.is_global_zero:
-            io.save_tensors(
-                layer_file(self.out_dir, layer),
-                {"A": a, "B": b, "keys": keys, "resid_norm": (self.z - h).norm(dim=-1)},
-                {"key": self.key, "layer": layer, "case_ids": self.case_ids},
-            )
-        if trainer is not None:
-            trainer.strategy.barrier()
-        rank_zero_info(f"layer {layer}: ‖Δ‖={float((a @ b.T).norm()):.4f}, mean ‖z−h^L‖={float((self.z - h).norm(dim=-1).mean()):.4f}")
+        m = torch.stack([got[c][2] for c in self.case_ids]) if got[self.case_ids[0]][2] is not None else None
+        return keys, h, m
+
+
+def layer_targets(spec: ModelSpec, model: nn.Module, layer: int, keys: Tensor, h: Tensor, m: Tensor | None,
+                  z: Tensor, layers_left: int) -> tuple[Tensor, Tensor]:
+    """(keys, residuals) the solve of one layer fits: R_l = (z − h^L) / (L − l + 1) (Eqn. 20).
+
+    With a norm after the MLP the stream gets norm(W k): the residual is mapped through the norm onto W k,
+    and each edit weighed by 1 / rms(W k), as the statistics weigh each corpus key (both terms of Eqn. 14
+    then in the stream's units)."""
+    resid = spread_residual(z.to(h.dtype), h, layers_left)
+    if spec.mlp_post_norm is None:
+        return keys, resid
+    norm = spec.module(model, "mlp_post_norm", layer)
+    dev = next(norm.parameters()).device
+    resid = through_post_norm(norm, m.to(dev), resid.to(dev)).cpu()
+    scale = 1.0 / output_rms(m).unsqueeze(-1)
+    return keys * scale, resid * scale
 
 
 POST_NORM_NAMES = ("post_feedforward_layernorm", "post_mlp_layernorm", "post_mlp_norm")
