@@ -1,12 +1,14 @@
 """End-to-end `memit-pl edit` of the first N CounterFact cases: seconds per stage and peak RSS.
 
-    .venv/bin/python bench/edit.py [--n 100 584] [--config configs/smollm2-135m.yaml] [--out-dir DIR]
+    .venv/bin/python -m bench.edit [--n 100 584] [--config configs/smollm2-135m.yaml] [--out-dir DIR] [--fresh]
 
 Each N runs the real command in its own process (statistics from the cache, warmed first by
 `memit-pl stats`; z optimised from scratch; the ascending-layer update; save_pretrained; the top-1
 efficacy check) so that its peak RSS is its own. Stage times come from the run's summary.json.
-Writes bench/results/edit.json; the run directories (with their z stores, reusable by `sweep` and
-`tune --z_dir`) stay under --out-dir.
+Writes bench/results/edit.json (the schema of bench/record.py); the run directories (with their z
+stores, reusable by `sweep`, `tune --z_dir`, bench/corpus.py and the experiments under
+bench/experiments/) stay under --out-dir (default <cache>/runs/bench-edit, i.e.
+~/.cache/memit_pl/runs/bench-edit).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import record  # noqa: E402
 
 
 def cli() -> list[str]:
@@ -46,10 +50,11 @@ def main() -> None:
     ap.add_argument("--edits", default=str(ROOT.parent / "shared/data/counterfact_known_dev.json"))
     ap.add_argument("--n", type=int, nargs="+", default=[100, 584], help="numbers of edits (first N cases)")
     ap.add_argument("--config", default=str(ROOT / "configs/smollm2-135m.yaml"))
-    ap.add_argument("--out-dir", default=str(Path.home() / ".cache/memit_pl/runs/bench-edit"))
+    ap.add_argument("--out-dir", default=str(record.cache_dir() / "runs/bench-edit"))
     ap.add_argument("--fresh", action="store_true", help="delete earlier run directories first (z from scratch)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/edit.json"))
     args = ap.parse_args()
+    record.preflight("bench.edit", args)
 
     common = ["--config", args.config, "--trainer.enable_progress_bar", "false"]
     warm_s, warm_rss = run_measured(cli() + ["stats", *common])
@@ -77,18 +82,16 @@ def main() -> None:
         })
         print(json.dumps(runs[-1]), flush=True)
     result = {
-        "model_config": str(Path(args.config).relative_to(ROOT) if Path(args.config).is_relative_to(ROOT) else args.config),
+        "model_config": args.config,
         "edits_file": args.edits,
-        "device": f"cpu ({os.cpu_count()} cores, {platform.machine()})",
         "stats_warm_s": round(warm_s, 1),
         "stats_warm_peak_rss_mb": round(warm_rss, 1),
         "runs": runs,
         "note": "other_s: model loading, the before/after prediction table, writing the run directory",
-        "command": "python bench/edit.py " + " ".join(sys.argv[1:]),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    rec = record.record("edit", result, args=args, config={"model_config": args.config})
+    record.write(args.out, rec)
+    print(json.dumps(rec, indent=2))
 
 
 if __name__ == "__main__":

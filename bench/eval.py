@@ -8,12 +8,15 @@ tokens) to check our numbers against its algorithm; it runs once. Batched and pe
 interleaved; medians reported. Generation Entropy is timed apart (it is greedy decoding, which
 dominates on a CPU): batched and per-record generations are compared on ``--ge-cases`` cases.
 
-    .venv/bin/python bench/eval.py --n 50 --repeats 3
+    .venv/bin/python -m bench.eval --n 50 --repeats 3
+
+Writes bench/results/eval.json (the schema of bench/record.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -27,10 +30,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import record  # noqa: E402
 from memit_pl.config import EvalConfig  # noqa: E402
-from memit_pl.edits import load_edits  # noqa: E402
-from memit_pl.evaluate import METRICS, evaluate_requests  # noqa: E402
-from memit_pl.models import load_model  # noqa: E402
+from memit_pl.data.edits import load_edits  # noqa: E402
+from memit_pl.modeling.loading import load_model  # noqa: E402
+from memit_pl.stages.evaluate import METRICS, evaluate_requests  # noqa: E402
 
 DEFAULT_EDITS = ROOT / ".." / "shared" / "data" / "counterfact_known_dev.json"
 
@@ -82,6 +86,7 @@ def main() -> int:
     ap.add_argument("--ge-cases", type=int, default=8, help="cases for the Generation Entropy check (0: none)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "eval.json"))
     args = ap.parse_args()
+    record.preflight("bench.eval", args)
 
     model, tok = load_model(args.model, device="cpu")
     requests = load_edits(args.edits, tokenizer=tok, limit=args.n)
@@ -109,8 +114,7 @@ def main() -> int:
     report = {
         "model": args.model,
         "edits_file": str(Path(args.edits)),
-        "command": "python bench/eval.py " + " ".join(sys.argv[1:]),
-        "device": f"cpu ({torch.get_num_threads()} threads, {platform.machine()}), shared with other jobs",
+        "device_note": f"cpu ({torch.get_num_threads()} threads, {platform.machine()})",
         "n_cases": len(requests),
         "repeats": args.repeats,
         "batch_size_rows": args.batch_size,
@@ -150,9 +154,9 @@ def main() -> int:
     report["same_metrics"] = report["max_abs_metric_diff_batched_vs_per_record"] < 1e-3 and (
         report["max_abs_nll_diff_vs_reference"] < 1e-3
     )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    rec = record.record("eval", report, args=args, config={"eval": dataclasses.asdict(cfg)})
+    record.write(args.out, rec)
+    print(json.dumps(rec, indent=2))
     return 0 if report["same_metrics"] else 1
 
 

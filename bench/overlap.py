@@ -1,9 +1,9 @@
 """How much of an edit file's neighbourhood is edited by the file itself (no model needed).
 
-    .venv/bin/python bench/overlap.py [--edits ../shared/data/counterfact_known_dev.json]
+    .venv/bin/python -m bench.overlap [--edits ../shared/data/counterfact_known_dev.json]
 
 Counts the neighbourhood prompts that name a subject edited by another case of the file (as NSu finds
-them, `memit_pl.evaluate.subject_pattern`), those whose named subject shares the case's relation and true
+them, `memit_pl.stages.evaluate.subject_pattern`), those whose named subject shares the case's relation and true
 object, and those whose named subject is edited to the case's own new object in the same relation: a
 perfect editor fails Neighborhood Success there. ``forced_ns_points`` is that share averaged per case (the
 way NS averages), i.e. the NS points a perfect editor loses on the whole file edited in one batch.
@@ -14,7 +14,9 @@ answer except the forced ones, which fail. ``perfect_editor_ns`` is that NS, ``g
 less 10 points, and ``slack`` their difference: the NS points left for every other change an edit makes.
 
     memit-pl evaluate --config configs/smollm2-135m.yaml --edits EDITS --eval.max_generation_prompts 0 --out OUT
-    .venv/bin/python bench/overlap.py --cases OUT/cases.jsonl
+    .venv/bin/python -m bench.overlap --cases OUT/cases.jsonl
+
+Writes bench/results/overlap.json (the schema of bench/record.py).
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from memit_pl.edits import load_edits  # noqa: E402
-from memit_pl.evaluate import subject_pattern  # noqa: E402
+from bench import record  # noqa: E402
+from memit_pl.data.edits import load_edits  # noqa: E402
+from memit_pl.stages.evaluate import subject_pattern  # noqa: E402
 
 
 def perfect_editor(cases_jsonl: str, forced_at: dict[str, set[int]]) -> dict:
@@ -88,12 +91,14 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench/results/overlap.json"))
     ap.add_argument("--cases", help="cases.jsonl of `memit-pl evaluate` on the unedited model (optional)")
     args = ap.parse_args()
+    record.preflight("bench.overlap", args)
     counts, forced_at = count(load_edits(args.edits))
-    result = {"edits": args.edits, **counts, "command": "python bench/overlap.py " + " ".join(sys.argv[1:])}
+    result = {"edits": args.edits, **counts}
     if args.cases:
         result.update(perfect_editor(args.cases, forced_at))
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    rec = record.record("overlap", result, args=args, config={}, compute_dtype="none (no model)")
+    record.write(args.out, rec)
+    print(json.dumps(rec, indent=2))
 
 
 if __name__ == "__main__":

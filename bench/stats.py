@@ -5,12 +5,15 @@ stopped right after that layer (``Trace(..., stop=True)``), and adds ``feats.T @
 non-padding keys to a running float32 sum. Both methods read the same chunks of WikiText-2
 (validation split) here, and their matrices are compared. Runs are interleaved; medians reported.
 
-    .venv/bin/python bench/stats.py --n-chunks 256
+    .venv/bin/python -m bench.stats --n-chunks 256
+
+Writes bench/results/stats.json (the schema of bench/record.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -26,12 +29,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from memit_pl import hooks  # noqa: E402
+from bench import record  # noqa: E402
 from memit_pl.config import StatsConfig, TrainerConfig  # noqa: E402
-from memit_pl.corpus import CorpusDataModule  # noqa: E402
-from memit_pl.models import load_model  # noqa: E402
-from memit_pl.spec import get_spec  # noqa: E402
-from memit_pl.stats import layer_covariances  # noqa: E402
+from memit_pl.data.corpus import CorpusDataModule  # noqa: E402
+from memit_pl.modeling import hooks  # noqa: E402
+from memit_pl.modeling.loading import load_model  # noqa: E402
+from memit_pl.modeling.spec import get_spec  # noqa: E402
+from memit_pl.stages.stats import layer_covariances  # noqa: E402
 
 
 def reference_stats(model, batches, layers, dtype=torch.float32) -> dict[int, torch.Tensor]:
@@ -82,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "stats.json")
     args = p.parse_args(argv)
+    record.preflight("bench.stats", args, argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     corpus = args.data / "wiki.valid.raw"
@@ -127,7 +132,6 @@ def main(argv: list[str] | None = None) -> int:
         "baseline_s": round(base_s, 2),
         "ratio": round(base_s / ours_s, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "command": "python bench/stats.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "ours_tokens_per_s": round(tokens / ours_s, 1),
         "baseline_tokens_per_s": round(tokens / base_s, 1),
         "ours_runs_s": [round(t, 2) for t in ours_t],
@@ -148,9 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         "notes": "ours = layer_covariances end to end (tokenising, Lightning stage, cache writes); "
         "baseline = per-layer passes over pre-tokenised batches; ratio = baseline_s / ours_s",
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    rec = record.record("stats", result, args=args, argv=argv, config={"stats": dataclasses.asdict(cfg)})
+    record.write(args.out, rec)
+    print(json.dumps(rec, indent=2))
     return 0
 
 

@@ -1,6 +1,6 @@
 """Batched z optimisation vs the serial per-edit reference loop, side by side in one run.
 
-    .venv/bin/python bench/z.py [--n 100] [--compare N] [--plain 32] [--batch 32] [--config configs/smollm2-135m.yaml]
+    .venv/bin/python -m bench.z [--n 100] [--compare N] [--plain 32] [--batch 32] [--config configs/smollm2-135m.yaml]
 
 Ours is what `memit-pl z` runs: the edits ordered by their length after the subject (as
 ``compute_zs`` orders them), in batches of ``--batch``; per batch one no-grad pass over the columns
@@ -9,12 +9,13 @@ each step only the blocks above L and only the columns from the edit on, logits 
 reads them. Interleaved with it, batch by batch, the reference algorithm on the same edits one at a
 time (a full forward and backward pass every step), for the first ``--compare`` edits (default: all).
 Once, for the first ``--plain`` edits: the batched optimiser without the prefix cache. Same context
-prefixes, hyperparameters and steps. Writes bench/results/z.json.
+prefixes, hyperparameters and steps. Writes bench/results/z.json (the schema of bench/record.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import statistics
@@ -27,14 +28,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import record  # noqa: E402
 from memit_pl.config import MemitConfig  # noqa: E402
-from memit_pl.context import context_prefixes  # noqa: E402
-from memit_pl.edits import load_edits  # noqa: E402
-from memit_pl.models import load_model  # noqa: E402
-from memit_pl.spec import get_spec  # noqa: E402
-from memit_pl.z_reference import reference_z  # noqa: E402
-from memit_pl.zbatch import build_z_batch, by_live_length  # noqa: E402
-from memit_pl.zopt import optimize_z  # noqa: E402
+from memit_pl.data.edits import load_edits  # noqa: E402
+from memit_pl.modeling.loading import load_model  # noqa: E402
+from memit_pl.modeling.spec import get_spec  # noqa: E402
+from memit_pl.stages.context import context_prefixes  # noqa: E402
+from memit_pl.stages.zbatch import build_z_batch, by_live_length  # noqa: E402
+from memit_pl.stages.zopt import optimize_z  # noqa: E402
+from tests.support.z_reference import reference_z  # noqa: E402
 
 
 def memit_from_yaml(path: Path) -> MemitConfig:
@@ -67,6 +69,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--out", default=str(ROOT / "bench/results/z.json"))
     args = ap.parse_args()
+    record.preflight("bench.z", args)
 
     torch.manual_seed(0)
     model, tok = load_model(args.model, device="cpu")
@@ -152,11 +155,10 @@ def main() -> None:
         "profile_top_ops": prof,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "torch_threads": torch.get_num_threads(),
-        "command": "python bench/z.py " + " ".join(sys.argv[1:]),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    rec = record.record("z", result, args=args, config={"model": args.model, "memit": dataclasses.asdict(cfg)})
+    record.write(args.out, rec)
+    print(json.dumps(rec, indent=2))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from memit_pl.modeling.loading import default_cache_dir
 DEMO_LAMBDA = "1000"
 """λ of the demo: 20 edits, shown for their efficacy. The shipped config's λ was tuned for hundreds of
 edits under bounds on the loss of Neighborhood Success (10 points) and Generation Entropy (5), which
-costs efficacy (README: the tune results)."""
+costs efficacy (docs/tuning.md)."""
 
 
 def main(argv: list[str]) -> int:

@@ -1,7 +1,7 @@
 """Does a better estimate of C move the 584-case trade-off? The tuning half of `memit-pl tune`'s seed-0
 split, edited with statistics from ``--n_samples`` chunks instead of the config's 1,000.
 
-    .venv/bin/python bench/cov_samples.py --z_dir RUN/z [--n_samples 3000] [--lambdas 1000 3000]
+    .venv/bin/python -m bench.experiments.e2026_11_25_cov_samples.cov_samples --z_dir RUN/z [--n_samples 3000] [--lambdas 1000 3000]
 """
 
 from __future__ import annotations
@@ -10,11 +10,10 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from tune_split import parser, setup  # noqa: E402
-
-from memit_pl.sweep import row, with_layers  # noqa: E402
+from bench.experiments.common import command, parser, save, setup  # noqa: E402
+from memit_pl.experiments.sweep import row, with_layers  # noqa: E402
 
 
 def main() -> None:
@@ -26,8 +25,8 @@ def main() -> None:
     store = ed.zs(tune_part, memit)
     rows = [row(len(tune_part), ed.edited_evaluation(tune_part, store, with_layers(memit, memit.layers, lam), f"lam{lam:g}"),
                 lam=lam, n_samples=args.n_samples) for lam in args.lambdas]
-    result = {"layers": memit.layers, "rows": rows, "command": "python bench/cov_samples.py " + " ".join(sys.argv[1:])}
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    result = {"layers": memit.layers, "rows": rows, "command": command(__file__)}
+    save(args.out, result)
     print(json.dumps(result, indent=2))
 
 

@@ -1,6 +1,6 @@
 """Is an edit's loss of fluency global, or confined to the edited subjects?
 
-    .venv/bin/python bench/ge_spill.py --z_dir RUN/z [--lam 1000] [--out bench/results/ge_spill.json]
+    .venv/bin/python -m bench.experiments.e2026_11_25_ge_spill.ge_spill --z_dir RUN/z [--lam 1000] [--out runs/ge_spill/ge_spill.json]
 
 Edits SmolLM2-135M with the tuning half of `memit-pl tune`'s seed-0 split of counterfact_known_dev.json
 (z from ``--z_dir``, e.g. the 584-edit `edit` run's z store; layers and the rest from the shipped config),
@@ -14,11 +14,10 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from tune_split import parser, setup  # noqa: E402
-
-from memit_pl.sweep import row, with_layers  # noqa: E402
+from bench.experiments.common import command, parser, save, setup  # noqa: E402
+from memit_pl.experiments.sweep import row, with_layers  # noqa: E402
 
 
 def main() -> None:
@@ -32,8 +31,8 @@ def main() -> None:
                                                  eval_requests=held), lam=args.lam)
     result = {"edited_cases": len(tune_part), "evaluated_cases": len(held), "layers": memit.layers, "lam": args.lam,
               "held_unedited": unedited, "held_with_tuning_part_edited": edited,
-              "command": "python bench/ge_spill.py " + " ".join(sys.argv[1:])}
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+              "command": command(__file__)}
+    save(args.out, result)
     print(json.dumps(result, indent=2))
 
 

@@ -1,11 +1,11 @@
 """All 584 cases of counterfact_known_dev.json edited in one batch at other λ values than the shipped one.
 
-    .venv/bin/python bench/lam584.py --z_dir RUN/z --lams '[2000,3000]' [--config configs/smollm2-135m.yaml]
+    .venv/bin/python -m bench.experiments.e2026_11_25_lam584.lam584 --z_dir RUN/z --lams '[2000,3000]' [--config configs/smollm2-135m.yaml]
 
 Layers and everything else from ``--config``; z from ``--z_dir`` (the 584-edit `edit` run's store, so no z
 is optimised); evaluation settings as `memit-pl sweep` and `memit-pl tune` (GE on, the reference's top-k 5
 sampling, 2 prompts per case, 50 tokens). The unedited model's row is the sweep's n = 0 row
-(bench/results/sweep.json), measured on the same 584 cases with the same settings.
+(bench/experiments/e2026_11_25_sweep_smollm2_lam5000/sweep.json), measured on the same 584 cases with the same settings.
 """
 
 from __future__ import annotations
@@ -14,11 +14,10 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from tune_split import load, parser  # noqa: E402
-
-from memit_pl.sweep import row, with_layers  # noqa: E402
+from bench.experiments.common import command, load, parser, save  # noqa: E402
+from memit_pl.experiments.sweep import row, with_layers  # noqa: E402
 
 
 def main() -> None:
@@ -33,8 +32,8 @@ def main() -> None:
         rows.append(row(len(requests), ed.edited_evaluation(requests, store, cfg, f"lam{lam:g}"), lam=lam,
                         layers=f"{memit.layers[0]}-{memit.layers[-1]}"))
         print(json.dumps(rows[-1]), flush=True)
-        result = {"rows": rows, "command": "python bench/lam584.py " + " ".join(sys.argv[1:])}
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        result = {"rows": rows, "command": command(__file__)}
+        save(args.out, result)
 
 
 if __name__ == "__main__":

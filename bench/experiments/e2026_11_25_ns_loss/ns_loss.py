@@ -1,6 +1,6 @@
 """Where Neighborhood Success goes when SmolLM2 takes all 584 edits at once: which neighbourhood prompts flip.
 
-    .venv/bin/python bench/ns_loss.py --z_dir RUN/z [--config configs/smollm2-135m.yaml]
+    .venv/bin/python -m bench.experiments.e2026_11_25_ns_loss.ns_loss --z_dir RUN/z [--config configs/smollm2-135m.yaml]
 
 A neighbourhood prompt succeeds when P(true object) > P(new object), i.e. nll_true < nll_new. The script
 scores every neighbourhood prompt of the 584 cases on the unedited model, after editing all 584 in one
@@ -24,14 +24,12 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from tune_split import load, parser  # noqa: E402
-
-from memit_pl.config import EvalConfig  # noqa: E402
-from memit_pl.eval_report import aggregate  # noqa: E402
-from memit_pl.evaluate import nsu_of_records  # noqa: E402
-from memit_pl.tune import split  # noqa: E402
+from bench.experiments.common import command, load, parser, save, without_generation  # noqa: E402
+from memit_pl.experiments.tune import split  # noqa: E402
+from memit_pl.stages.eval_report import aggregate  # noqa: E402
+from memit_pl.stages.evaluate import nsu_of_records  # noqa: E402
 
 MARGINS = [(0.0, 0.5), (0.5, 1.0), (1.0, 2.0), (2.0, 4.0), (4.0, float("inf"))]
 CO_EDITS = [(0, 0), (1, 1), (2, 3), (4, 10**9)]
@@ -76,7 +74,7 @@ def main() -> None:
     ap = parser(__doc__, "ns_loss")
     args = ap.parse_args()
     memit, ed, requests = load(args)
-    ed.eval_cfg = EvalConfig(batch_size=256, generation_length=0, max_generation_prompts=0)
+    without_generation(ed)
     half, _ = split(requests, 0.5, 0)
     store = ed.zs(requests, memit)
     unedited = ed.evaluate(requests)
@@ -117,9 +115,9 @@ def main() -> None:
         "free_flip_by_co_edits": {
             "584": flip_table(base, all584, lambda k, m: -1 if k in about584 else co584[k[0]], CO_EDITS),
             "292": flip_table(base, only292, lambda k, m: -1 if k in about292 else co292[k[0]], CO_EDITS)},
-        "command": "python bench/ns_loss.py " + " ".join(sys.argv[1:]),
+        "command": command(__file__),
     }
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    save(args.out, result)
     print(json.dumps(result, indent=2))
 
 

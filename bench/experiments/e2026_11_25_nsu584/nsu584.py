@@ -1,11 +1,11 @@
 """NS and NSu of all 584 cases of counterfact_known_dev.json edited in one batch, at several λ.
 
-    .venv/bin/python bench/nsu584.py --z_dir RUN/z --lams '[2000,3000,5000,10000]'
+    .venv/bin/python -m bench.experiments.e2026_11_25_nsu584.nsu584 --z_dir RUN/z --lams '[2000,3000,5000,10000]'
 
 NSu is Neighborhood Success on the neighbourhood prompts whose subject is not itself one of the 584
 edited subjects (the others are meant to change). The unedited model is scored on the same prompts.
 Layers and everything else from ``--config``; z from ``--z_dir`` (the 584-edit `edit` run's store, so no z
-is optimised). Generation Entropy is not computed here: the edits are those of `bench/lam584.py` and
+is optimised). Generation Entropy is not computed here: the edits are those of ``lam584`` (bench/experiments/e2026_11_25_lam584) and
 `memit-pl sweep`, whose GE columns stand.
 """
 
@@ -15,12 +15,10 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from tune_split import load, parser  # noqa: E402
-
-from memit_pl.config import EvalConfig  # noqa: E402
-from memit_pl.sweep import row, with_layers  # noqa: E402
+from bench.experiments.common import command, load, parser, save, without_generation  # noqa: E402
+from memit_pl.experiments.sweep import row, with_layers  # noqa: E402
 
 
 def main() -> None:
@@ -28,7 +26,7 @@ def main() -> None:
     ap.add_argument("--lams", type=json.loads, default=[2000.0, 3000.0, 5000.0, 10000.0])
     args = ap.parse_args()
     memit, ed, requests = load(args)
-    ed.eval_cfg = EvalConfig(batch_size=256, generation_length=0, max_generation_prompts=0)
+    without_generation(ed)
     store = ed.zs(requests, memit)
     unedited = ed.evaluate(requests)
     rows = [row(0, unedited)]
@@ -41,8 +39,8 @@ def main() -> None:
                         layers=f"{memit.layers[0]}-{memit.layers[-1]}"))
         print(json.dumps(rows[-1]), flush=True)
         result = {"neighbourhood_prompts": total, "about_edited_subjects": about, "nsu_cases": unedited["counts"]["NSu"],
-                  "rows": rows, "command": "python bench/nsu584.py " + " ".join(sys.argv[1:])}
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+                  "rows": rows, "command": command(__file__)}
+        save(args.out, result)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Layer windows whose target layer lies above the shipped one, on `memit-pl tune`'s seed-0 tuning half.
 
-    .venv/bin/python bench/upper_windows.py --z_dir RUN/z --windows '[[2,3,4,5,6,7,8]]' --lams '[3000]'
+    .venv/bin/python -m bench.experiments.e2026_11_25_upper_windows.upper_windows --z_dir RUN/z --windows '[[2,3,4,5,6,7,8]]' --lams '[3000]'
 
 z for a new target layer L = max(window) is optimised once for the tuning half (stored under
 ``--work``/z-L<L>, resumed if interrupted) and shared by every window with that L; each (window, λ) point
@@ -15,11 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from tune_split import parser, setup  # noqa: E402
-
-from memit_pl.sweep import row, with_layers  # noqa: E402
+from bench.experiments.common import command, parser, save, setup  # noqa: E402
+from memit_pl.experiments.sweep import row, with_layers  # noqa: E402
 
 
 def main() -> None:
@@ -39,8 +38,8 @@ def main() -> None:
             rows.append(row(len(tune_part), ed.edited_evaluation(tune_part, store, with_layers(memit, window, lam), tag),
                             lam=lam, layers=f"{window[0]}-{window[-1]}", z_seconds=round(z_s, 1)))
             print(json.dumps(rows[-1]), flush=True)
-    result = {"cases": len(tune_part), "rows": rows, "command": "python bench/upper_windows.py " + " ".join(sys.argv[1:])}
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    result = {"cases": len(tune_part), "rows": rows, "command": command(__file__)}
+    save(args.out, result)
 
 
 if __name__ == "__main__":
