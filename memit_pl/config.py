@@ -27,7 +27,11 @@ class ModelConfig:
     name: str = DEFAULT_MODEL
     """Packaged short name (smollm2-135m, gemma3-270m), Hugging Face id or local directory."""
     dtype: str = "float32"
-    """Weights' dtype: float32, float16 or bfloat16."""
+    """Weights' dtype: float32, float16 or bfloat16 (the edited weights stay in it; Δ is added in fp32)."""
+    compute_dtype: str = "float32"
+    """Dtype of the forward and backward passes of every stage: float32, bfloat16, float16 (autocast), or
+    auto (bf16 on a GPU that supports it and on a CPU whose bf16 matmuls are fast, else fp32). Sums, δ,
+    Adam and the solve stay in fp32/fp64 whatever it is."""
     device: str = "auto"
     """"auto" (first GPU, else CPU), "cpu", "cuda:1", ..."""
     device_map: str | None = None
@@ -36,6 +40,8 @@ class ModelConfig:
     """Converted packaged models and statistics; default ``$MEMIT_PL_CACHE`` or ~/.cache/memit_pl."""
 
     def __post_init__(self) -> None:
+        if self.compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"model.compute_dtype must be auto, float32, bfloat16 or float16, not {self.compute_dtype!r}")
         if self.dtype not in DTYPE_NAMES:
             raise ValueError(f"model.dtype must be one of {', '.join(DTYPE_NAMES)}, not {self.dtype!r}")
 
@@ -133,6 +139,8 @@ class TrainerConfig:
     strategy: str = "auto"
     num_nodes: int = 1
     enable_progress_bar: bool = True
+    precision: str | None = None
+    """Lightning precision of the stages' passes; set from ``model.compute_dtype`` by the editor (leave unset)."""
 
 
 @dataclass

@@ -71,15 +71,23 @@ def load_delta(path: str | Path) -> EditDelta:
 
 
 @torch.no_grad()
-def add_to_weight(spec: ModelSpec, model: nn.Module, layer: int, delta: Tensor, sign: float = 1.0) -> None:
+def add_to_weight(spec: ModelSpec, model: nn.Module, layer: int, delta: Tensor, sign: float = 1.0) -> float:
     """W_l += sign · Δ_l in place, Δ [d_model, d_key]; respects transposed (Conv1D) weights.
 
-    The sum is formed in float32 (at least) and cast once to the weight's dtype.
+    The sum is formed in float32 (at least) and cast once to the weight's dtype. Returns how much of Δ the
+    cast lost, ‖cast(W + Δ) − W − Δ‖ / ‖Δ‖ (0 for float32 weights; about 1 where bf16 weights round a
+    small Δ away).
     """
     w = spec.out_weight(model, layer)
-    upd = delta.T if spec.transposed else delta
+    upd = sign * (delta.T if spec.transposed else delta).to(device=w.device)
     acc = torch.promote_types(w.dtype, torch.float32)
-    w.copy_((w.to(acc) + sign * upd.to(device=w.device, dtype=acc)).to(w.dtype))
+    before = w.to(acc)
+    upd = upd.to(acc)
+    new = (before + upd).to(w.dtype)
+    w.copy_(new)
+    if w.dtype == acc:
+        return 0.0
+    return float((new.to(acc) - before - upd).norm() / upd.norm().clamp(min=1e-30))
 
 
 def apply_delta(model: nn.Module, delta: EditDelta | str | Path, sign: float = 1.0) -> EditDelta:

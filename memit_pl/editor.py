@@ -89,6 +89,13 @@ class MEMIT:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.config = _resolve_config(config, getattr(model, "memit_name", None) or _hub_name(model))
+        from memit_pl.modeling.loading import input_device
+        from memit_pl.stages import runtime
+
+        self.compute_dtype = runtime.resolve_compute_dtype(self.config.model.compute_dtype, input_device(model))
+        """The resolved ``model.compute_dtype`` of every pass (float32, bfloat16 or float16)."""
+        precision = None if self.compute_dtype == "float32" else runtime.lightning_precision(self.compute_dtype)
+        self.config = replace(self.config, trainer=replace(self.config.trainer, precision=precision))
         self._tmp = None
         if work_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="memit_pl-")
@@ -119,7 +126,8 @@ class MEMIT:
         """An editor for a packaged model (``smollm2-135m``, ``gemma3-270m``), a Hugging Face id or local
         directory, or an already loaded model (then pass its ``tokenizer``).
 
-        ``model_kwargs`` (``dtype``, ``device``, ``device_map``) override the config's ``model`` section.
+        ``model_kwargs`` (``dtype``, ``compute_dtype``, ``device``, ``device_map``) override the config's
+        ``model`` section.
         """
         if isinstance(name_or_model, nn.Module):
             if tokenizer is None:
@@ -128,7 +136,7 @@ class MEMIT:
         from memit_pl.modeling.loading import load_model
 
         cfg = _resolve_config(config, str(name_or_model))
-        unknown = set(model_kwargs) - {"dtype", "device", "device_map"}
+        unknown = set(model_kwargs) - {"dtype", "compute_dtype", "device", "device_map"}
         if unknown:
             raise TypeError(f"MEMIT.from_pretrained got unexpected keyword argument {sorted(unknown)[0]!r}")
         model_cfg = replace(cfg.model, name=str(name_or_model), **model_kwargs)
@@ -175,7 +183,7 @@ class MEMIT:
     def zs(self, requests: Sequence[EditRequest], memit: MemitConfig | None = None, *,
            store_dir: str | Path | None = None, config_dump: dict | None = None):
         """The z store of target layer max(R) holding every request (optimised once; resumed from disk);
-        ``store_dir`` default: ``<work_dir>/z-L<L>``, or the editor's ``z_dir`` for its own target layer."""
+        ``store_dir`` default: ``<work_dir>/z-L<L>-<model fingerprint>``, or the editor's ``z_dir`` for its own target layer."""
         from memit_pl.stages.zmodule import compute_zs
         from memit_pl.stages.zstore import STORE_FILE, load_store
 
@@ -184,7 +192,10 @@ class MEMIT:
         if store_dir is not None:
             return compute_zs(self.model, self.tokenizer, requests, memit, Path(store_dir), self.config.trainer,
                               config_dump)
-        store_dir = self.work_dir / f"z-L{memit.target_layer}"
+        from memit_pl.modeling.loading import fingerprint
+
+        # one store per target layer and model state: an edited (or reverted) model's z are not the unedited one's
+        store_dir = self.work_dir / f"z-L{memit.target_layer}-{fingerprint(self.model)}"
         if self.z_dir is not None:
             layer = load_store(self.z_dir).layer if (self.z_dir / STORE_FILE).exists() else None
             if layer in (None, memit.target_layer):
@@ -216,7 +227,8 @@ class MEMIT:
         self.covariances(memit.layers)  # statistics first: cached, and needed by the update anyway
         store = self.zs(requests, memit)
         delta = self.apply(requests, store, memit, prev_keys=prev_keys)
-        delta.metadata.update({"memit": asdict(memit), "z_mean_loss": float(store.tensors["loss"].mean())})
+        delta.metadata.update({"memit": asdict(memit), "z_mean_loss": float(store.tensors["loss"].mean()),
+                               "compute_dtype": self.compute_dtype})
         return delta
 
     @contextmanager
@@ -228,8 +240,10 @@ class MEMIT:
 
     def evaluate(self, requests: Sequence[EditRequest], **kwargs: Any) -> dict[str, Any]:
         """CounterFact / zsRE metrics of the model as it is now (see :func:`memit_pl.stages.evaluate.evaluate_requests`)."""
+        from memit_pl.config import TrainerConfig
         from memit_pl.stages.evaluate import evaluate_requests
 
+        kwargs.setdefault("trainer_cfg", TrainerConfig(enable_progress_bar=False, precision=self.config.trainer.precision))
         return evaluate_requests(self.model, self.tokenizer, requests, self.config.eval, **kwargs)
 
     def edited_evaluation(self, requests: Sequence[EditRequest], store, memit: MemitConfig, tag: str,
@@ -245,8 +259,16 @@ class MEMIT:
         from memit_pl.modeling.predict import top_predictions
 
         single = isinstance(prompts, str)
-        out = top_predictions(self.model, self.tokenizer, [prompts] if single else list(prompts), k=k)
+        with self.autocast():
+            out = top_predictions(self.model, self.tokenizer, [prompts] if single else list(prompts), k=k)
         return out[0] if single else out
+
+    def autocast(self):
+        """The compute dtype, for passes of the model outside the stages (a prediction, a probe)."""
+        from memit_pl.modeling.loading import input_device
+        from memit_pl.stages import runtime
+
+        return runtime.autocast(input_device(self.model), self.compute_dtype)
 
     def save_pretrained(self, path: str | Path) -> Path:
         """The (edited) model and its tokenizer as a Hugging Face directory (safetensors)."""

@@ -36,18 +36,19 @@ def load(model_cfg, padding_side: str = "right", memit_cfg=None):
         padding_side=padding_side,
     )
     if memit_cfg is not None:
-        check_layers(model, memit_cfg)
+        check_layers(model, memit_cfg.layers)
     return model, tok
 
 
-def check_layers(model, memit_cfg) -> None:
+def check_layers(model, layers, what: str = "memit.layers") -> None:
+    """A one-line error for layers the model does not have."""
     from memit_pl.config import ConfigError
     from memit_pl.modeling.spec import get_spec
 
     n_layers = get_spec(model).n_layers(model)
-    bad = [x for x in memit_cfg.layers if not 0 <= x < n_layers]
+    bad = [x for x in layers if not 0 <= x < n_layers]
     if bad:
-        raise ConfigError(f"memit.layers {bad} out of range: the model has layers 0..{n_layers - 1}")
+        raise ConfigError(f"{what} {bad} out of range: the model has layers 0..{n_layers - 1}")
 
 
 def make_editor(secs: dict[str, Any], model, tok, work_dir: str | Path | None = None, z_dir: str | Path | None = None):

@@ -6,7 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
-from memit_pl.cli._common import load, make_parser, parse, save_config
+from memit_pl.cli._common import load, make_editor, make_parser, parse, save_config
 
 log = logging.getLogger(__name__)
 
@@ -47,32 +47,35 @@ def main(argv: list[str]) -> int:
     if cfg.limit is not None and cfg.limit < 1:
         parser.error("--limit must be >= 1")
 
-    from memit_pl.data.edits import load_edits
+    from memit_pl.data.edits import load_edits, validate
     from memit_pl.delta import apply_delta, load_delta
     from memit_pl.metrics import ReferenceData
     from memit_pl.stages.eval_report import metrics_table, write_reports
-    from memit_pl.stages.evaluate import evaluate_requests
 
+    requests = load_edits(cfg.edits, limit=cfg.limit)  # bad input fails here, before the model loads
     reference = ReferenceData.load(cfg.reference_dir) if cfg.reference_dir else None
     delta = load_delta(cfg.delta) if cfg.delta else None
     model, tok = load(secs["model"])
-    requests = load_edits(cfg.edits, tokenizer=tok, limit=cfg.limit)
+    validate(requests, tok)
     if delta is not None:
         check_delta(model, delta)
+    editor = make_editor(secs, model, tok)
+    trainer = editor.config.trainer  # the user's trainer settings, in the compute dtype
 
     runs = {}
     log.info("evaluating the unedited model on %d cases", len(requests))
-    runs["unedited"] = evaluate_requests(model, tok, requests, secs["eval"], secs["trainer"], reference=reference)
+    runs["unedited"] = editor.evaluate(requests, trainer_cfg=trainer, reference=reference)
     if delta is not None:
         apply_delta(model, delta)
         log.info("evaluating with the delta of %s (layers %s)", cfg.delta, delta.layers)
-        runs["edited"] = evaluate_requests(model, tok, requests, secs["eval"], secs["trainer"], reference=reference)
+        runs["edited"] = editor.evaluate(requests, trainer_cfg=trainer, reference=reference)
 
     meta = {
         "model": secs["model"].name,
         "edits_file": str(cfg.edits),
         "delta": str(cfg.delta) if cfg.delta else None,
         "command": "memit-pl evaluate " + " ".join(argv),
+        "compute_dtype": editor.compute_dtype,
     }
     paths = write_reports(out, runs, meta)
     args = {"edits": str(cfg.edits), "delta": meta["delta"], "out": str(out), "limit": cfg.limit,

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from memit_pl import io
-from memit_pl.cli._common import load, make_parser, parse, save_config
+from memit_pl.cli._common import check_layers, load, make_parser, parse, save_config
 from memit_pl.data.edits import load_edits, validate
 
 
@@ -27,10 +27,12 @@ def main(argv: list[str]) -> int:
     if cfg.n < 1:
         raise SystemExit("memit-pl spread: --n must be >= 1")
     requests = load_edits(cfg.edits, limit=cfg.n)
-    model, tok = load(secs["model"], memit_cfg=secs["memit"])
+    model, tok = load(secs["model"])
     validate(requests, tok)
     memit = secs["memit"]
     windows = cfg.windows or [list(memit.layers)]
+    for window in windows:
+        check_layers(model, window, "--windows" if cfg.windows else "memit.layers")
     results = []
     for window in windows:
         if not window:

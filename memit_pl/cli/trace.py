@@ -64,6 +64,10 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(cfg.threads)
 
     model, tok = load(secs["model"], padding_side="right")
+    from memit_pl.modeling.loading import input_device
+    from memit_pl.stages import runtime
+
+    compute = runtime.resolve_compute_dtype(secs["model"].compute_dtype, input_device(model))
     facts = load_facts(cfg.facts, tokenizer=tok)
     sigma = embedding_std(model, tok, [f.subject for f in facts])
     tracer = Tracer(model, tok, cfg.noise * sigma, samples=cfg.samples, window=cfg.window,
@@ -77,7 +81,8 @@ def main(argv: list[str]) -> int:
         if cfg.time_limit > 0 and time.time() - t0 > 60 * cfg.time_limit:
             log.warning("time limit of %.1f min reached after %d facts", cfg.time_limit, len(traces))
             break
-        tr = tracer.trace_fact(fact, kinds=kinds, sever=sever)
+        with runtime.autocast(input_device(model), compute):
+            tr = tracer.trace_fact(fact, kinds=kinds, sever=sever)
         if tr is None:
             skipped += 1
             continue
@@ -89,7 +94,7 @@ def main(argv: list[str]) -> int:
     summary = summarize(traces, k=cfg.k)
     summary.update(model=secs["model"].name, facts_file=str(cfg.facts), sigma=sigma, noise=cfg.noise,
                    noise_std=tracer.noise_std, samples=cfg.samples, window=cfg.window, k=cfg.k,
-                   n_layers=tracer.n_layers, skipped_wrong=skipped, n_requested=cfg.n, seconds=round(time.time() - t0, 1))
+                   n_layers=tracer.n_layers, compute_dtype=compute, skipped_wrong=skipped, n_requested=cfg.n, seconds=round(time.time() - t0, 1))
     io.write_json(out / "trace.json", summary)
     io.write_json(out / "cases.json", [_case(t) for t in traces])
     save_config(out, "trace", secs, {k: v for k, v in vars(cfg).items() if k not in secs and k != "config"})

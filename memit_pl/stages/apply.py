@@ -167,6 +167,8 @@ class LayerUpdate(Callback):
                  key: str, prev_keys: dict[int, Tensor] | None = None, solver=None):
         self.case_ids, self.z, self.covs, self.lam = case_ids, z, covs, lam
         self.solver = solver or solve_update
+        self.cast_error: dict[int, float] = {}
+        """Per layer: ‖cast(W + Δ) − W − Δ‖ / ‖Δ‖, how much of Δ the weights' dtype rounded away."""
         self.out_dir, self.key, self.prev_keys = out_dir, key, prev_keys or {}
         self.layers_left = 1
         self.outputs: list[dict] = []
@@ -186,9 +188,10 @@ class LayerUpdate(Callback):
         keys, h, m = self.collect(trainer, layer)
         keys, resid = layer_targets(module.spec, module.model, layer, keys, h, m, self.z, self.layers_left)
         weight = module.spec.out_weight(module.model, layer)
-        a, b = self.solver(keys.to(weight.device), resid.to(weight.device), self.covs[layer].to(weight.device),
-                           self.lam, self.prev_keys.get(layer))
-        add_to_weight(module.spec, module.model, layer, a @ b.T)
+        with runtime.full_precision(weight.device):
+            a, b = self.solver(keys.to(weight.device), resid.to(weight.device), self.covs[layer].to(weight.device),
+                               self.lam, self.prev_keys.get(layer))
+            self.cast_error[layer] = add_to_weight(module.spec, module.model, layer, a @ b.T)
         module.applied.add(layer)
         resid_norm = (self.z - h).norm(dim=-1)
         if trainer is None or trainer.is_global_zero:
@@ -309,7 +312,8 @@ def apply_memit(
         saved = _load_layer(out_dir, layer, key)
         if saved is None:
             if plain:  # a model spread over devices by accelerate stays where it is: no Trainer
-                update.outputs = [module.predict_step(b, j) for j, b in runtime.plain_batches(model, loader)]
+                with runtime.plain_precision(model, trainer):
+                    update.outputs = [module.predict_step(b, j) for j, b in runtime.plain_batches(model, loader)]
                 update.finish(None, module)
             else:
                 runtime.predict(trainer, module, callbacks=[update], dataloaders=loader, inference_mode=False)
@@ -319,11 +323,16 @@ def apply_memit(
         if saved is None:
             raise RuntimeError(f"layer {layer}: the update was not written to {layer_file(out_dir, layer)}")
         if layer not in module.applied:  # computed in another process (spawned workers) or resumed
-            add_to_weight(spec, model, layer, saved[0] @ saved[1].T)
+            update.cast_error[layer] = add_to_weight(spec, model, layer, saved[0] @ saved[1].T)
             module.applied.add(layer)
         factors[layer] = saved
+    worst = max(update.cast_error.values(), default=0.0)
+    if worst > 1e-2:
+        log.warning("the weights' dtype (%s) rounds away %.1f%% of Δ (worst layer); edit float32 weights to keep it",
+                    spec.out_weight(model, memit.layers[0]).dtype, 100 * worst)
     return EditDelta(factors, {"family": spec.family, "layers": list(memit.layers), "case_ids": case_ids,
-                               "target_layer": memit.target_layer, "lambda": memit.mom2_update_weight})
+                               "target_layer": memit.target_layer, "lambda": memit.mom2_update_weight,
+                               "cast_error": {str(k): v for k, v in sorted(update.cast_error.items())}})
 
 
 def _load_layer(out_dir: Path, layer: int, key: str) -> tuple[Tensor, Tensor] | None:

@@ -309,7 +309,7 @@ def evaluate_requests(
     was_training = model.training
     if spread_over_devices(model):  # placed by accelerate: Lightning must not move it
         module.metrics.to(input_device(model))
-        with torch.inference_mode():
+        with torch.inference_mode(), runtime.plain_precision(model, trainer_cfg):
             batches = [module.predict_step(b, i) for i, b in runtime.plain_batches(model, loader)]
     else:
         with warnings.catch_warnings():

@@ -74,16 +74,21 @@ def apply_stage(
     editor.covariances(memit.layers)
     timings["stats_s"] = time.perf_counter() - t
     prev = previous_keys(previous, memit.layers) if previous else None
-    resid_before = residual_norms(model, tokenizer, requests, store, memit)
+    with editor.autocast():
+        resid_before = residual_norms(model, tokenizer, requests, store, memit)
     t = time.perf_counter()
     delta = editor.apply(requests, store, out_dir=out_dir, prev_keys=prev, prev_ids=[str(p) for p in previous])
     timings["apply_s"] = time.perf_counter() - t
-    resid_after = residual_norms(model, tokenizer, requests, store, memit)
+    with editor.autocast():
+        resid_after = residual_norms(model, tokenizer, requests, store, memit)
     delta.metadata.update({"fingerprint": fp_before, "memit": vars(memit), "config": config_dump or {}})
     delta.save(out_dir)
     summary = {
         "n_edits": len(requests),
         "layers": list(memit.layers),
+        "compute_dtype": editor.compute_dtype,
+        "weights_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "cast_error": delta.metadata.get("cast_error", {}),
         "delta_norm": {str(layer): float(delta.dense(layer).norm()) for layer in delta.layers},
         "resid_norm_before": float(resid_before.mean()),
         "resid_norm_after": float(resid_after.mean()),
@@ -115,7 +120,8 @@ def run_edit(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     editor.check(requests)
-    before = efficacy_top1(model, tokenizer, requests)
+    with editor.autocast():
+        before = efficacy_top1(model, tokenizer, requests)
     t = time.perf_counter()
     editor.covariances()  # statistics first: they are cached and needed by the apply stage anyway
     stats_s = time.perf_counter() - t
@@ -124,7 +130,8 @@ def run_edit(
     z_s = time.perf_counter() - t
     summary = apply_stage(editor, requests, store, out_dir, previous=previous, save_model=save_model,
                           config_dump=config_dump)
-    after = efficacy_top1(model, tokenizer, requests)
+    with editor.autocast():
+        after = efficacy_top1(model, tokenizer, requests)
     summary["timings"].update({"stats_s": stats_s, "z_s": z_s})
     summary["top1_new_before"] = sum(before) / len(before)
     summary["top1_new_after"] = sum(after) / len(after)

@@ -1,12 +1,22 @@
-"""Where the stages run: the one Trainer factory, and device placement around Lightning's predict loops.
+"""Where and in which precision the stages run: the one Trainer factory, device placement around
+Lightning's predict loops, and the compute dtype.
 
 Every stage (statistics, z, keys and h^L of the update, evaluation) is a predict loop. Lightning moves the
 module to its root device and back to the CPU on teardown; a model placed over several devices by
 accelerate (``device_map``) must not be moved at all, so it runs the same steps in a plain loop.
+
+Three dtypes are kept apart: the weights' (the user's, ``model.dtype``), the compute dtype of the forward
+and backward passes (``model.compute_dtype``: bf16 or fp16 autocast, or fp32), and the dtype of what
+accumulates or solves (fp32 for δ, Adam, the losses' reductions and Σ k kᵀ; fp64 for the solve), which
+the stages keep whatever the compute dtype (:func:`full_precision`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +30,91 @@ from torch import nn
 from memit_pl.config import TrainerConfig
 from memit_pl.modeling.loading import input_device, spread_over_devices
 
-__all__ = ["make_trainer", "on_model_device", "plain_batches", "predict", "spread_over_devices"]
+log = logging.getLogger(__name__)
+
+__all__ = ["autocast", "full_precision", "make_trainer", "on_model_device", "plain_batches", "predict",
+           "resolve_compute_dtype", "spread_over_devices"]
+
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_LIGHTNING = {"float32": "32-true", "bfloat16": "bf16-mixed", "float16": "16-mixed"}
+FAST_BF16 = 1.5
+"""A CPU counts as running bf16 fast when a bf16 matmul is at least this many times faster than fp32."""
+
+
+@functools.cache
+def cpu_bf16_speedup(n: int = 768, repeats: int = 5) -> float:
+    """How many times faster an n×n×n bf16 matmul runs than fp32 on this CPU (median of ``repeats``;
+    measured once per process, about 0.1 s). CPUs with AMX or AVX512-BF16 kernels reach 2–6×; others
+    emulate bf16 and run it slower than fp32."""
+    gen = torch.Generator().manual_seed(0)
+    a32 = torch.randn(n, n, generator=gen)
+    b32 = torch.randn(n, n, generator=gen)
+    times = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = a32.to(dtype), b32.to(dtype)
+        a @ b  # warm-up
+        runs = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            a @ b
+            runs.append(time.perf_counter() - t)
+        times[dtype] = sorted(runs)[len(runs) // 2]
+    return times[torch.float32] / max(times[torch.bfloat16], 1e-9)
+
+
+def resolve_compute_dtype(name: str, device: torch.device | str) -> str:
+    """``model.compute_dtype`` for passes on ``device``: ``auto`` becomes bf16 on a CUDA device that supports
+    it and on a CPU that runs bf16 matmuls fast (measured, :func:`cpu_bf16_speedup`), fp32 otherwise; the
+    choice is logged. fp16 is refused on the CPU (no fast fp16 kernels there)."""
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"model.compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {name!r}")
+    device = torch.device(device)
+    if name == "float16" and device.type == "cpu":
+        raise ValueError("model.compute_dtype float16 needs a GPU; on the CPU use bfloat16 or float32")
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        chosen, why = ("bfloat16", "the GPU supports bf16") if ok else ("float32", "the GPU has no bf16")
+    elif device.type == "cpu":
+        speedup = cpu_bf16_speedup()
+        fast = speedup >= FAST_BF16
+        chosen = "bfloat16" if fast else "float32"
+        why = f"bf16 matmuls run {speedup:.1f}x fp32 on this CPU ({'fast' if fast else 'not fast'}: threshold {FAST_BF16}x)"
+    else:
+        chosen, why = "float32", f"no mixed precision on {device.type}"
+    log.info("model.compute_dtype auto -> %s (%s)", chosen, why)
+    return chosen
+
+
+def torch_dtype(compute_dtype: str) -> torch.dtype:
+    return _TORCH[compute_dtype]
+
+
+def lightning_precision(compute_dtype: str) -> str:
+    """The Trainer ``precision`` that runs a stage's steps in ``compute_dtype`` (autocast)."""
+    return _LIGHTNING[compute_dtype]
+
+
+def autocast(device: torch.device | str, compute_dtype: str | None):
+    """Autocast to ``compute_dtype`` for passes outside a Trainer (a plain loop, a quick prediction);
+    a no-op for fp32 or None."""
+    if compute_dtype in (None, "float32"):
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=_TORCH[compute_dtype])
+
+
+def full_precision(device: torch.device | str):
+    """No autocast inside: for accumulations and solves that must stay in fp32/fp64."""
+    return torch.autocast(torch.device(device).type, enabled=False)
+
+
+def compute_dtype_of(cfg: TrainerConfig | None) -> str | None:
+    """The compute dtype a trainer config carries (None: fp32)."""
+    if cfg is None or cfg.precision is None:
+        return None
+    return {v: k for k, v in _LIGHTNING.items()}[cfg.precision]
 
 
 def on_model_device(cfg: TrainerConfig, model: nn.Module) -> TrainerConfig:
@@ -57,6 +151,7 @@ def make_trainer(
         use_distributed_sampler=distributed_sampler,
         default_root_dir=str(root_dir) if root_dir is not None else None,
         inference_mode=inference_mode,
+        **({"precision": cfg.precision} if cfg.precision is not None else {}),
     )
 
 
@@ -100,3 +195,10 @@ def plain_batches(model: nn.Module, loader: Iterable) -> Iterator[tuple[int, Any
     dev = input_device(model)
     for i, batch in enumerate(loader):
         yield i, _to(batch, dev)
+
+
+@contextlib.contextmanager
+def plain_precision(model: nn.Module, cfg: TrainerConfig | None):
+    """The compute dtype of ``cfg`` for a plain loop (what the Trainer's precision plugin does inside one)."""
+    with autocast(input_device(model), compute_dtype_of(cfg)):
+        yield

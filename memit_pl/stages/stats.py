@@ -155,7 +155,8 @@ class CovarianceModule(LightningModule):
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         mask = batch["attention_mask"]
         for layer, keys in self(batch["input_ids"], mask).items():
-            self.moments[str(layer)].update(keys, mask)
+            with runtime.full_precision(keys.device):  # Σ k kᵀ in the accumulation dtype, not the compute one
+                self.moments[str(layer)].update(keys, mask)
         self.chunks += int(mask.shape[0])
         self.tokens += int(mask.sum())
 

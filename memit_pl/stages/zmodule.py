@@ -129,7 +129,8 @@ def compute_zs(
         if spread_over_devices(model):  # placed by accelerate over several devices: no Trainer
             module = ZModule(model, memit)
             for i, batch in runtime.plain_batches(model, loader):
-                res = module.predict_step(batch, i)
+                with runtime.plain_precision(model, trainer):
+                    res = module.predict_step(batch, i)
                 write_part(store_dir, f"plain-{time.time_ns()}-{i}", res.case_ids, res.to_tensors(), key)
             merge(store_dir, key, metadata)
         else:
