@@ -162,6 +162,41 @@ def parse_zsre(records: Sequence[dict]) -> list[EditRequest]:
     return out
 
 
+def parse_easyedit_counterfact(records: Sequence[dict]) -> list[EditRequest]:
+    """EasyEdit's (and MEND's) reduced CounterFact: ``case_id, prompt, subject, target_new, ground_truth,
+    rephrase_prompt, locality_prompt, locality_ground_truth``. The prompt is already filled: its template is
+    the prompt with the subject's first occurrence replaced by ``{}``; the locality prompt is one of the
+    case's neighbourhood prompts, whose answer is ``locality_ground_truth``."""
+    out = []
+    for i, rec in enumerate(records):
+        where = _where(i, rec.get("case_id", i) if isinstance(rec, dict) else i)
+        if not isinstance(rec, dict):
+            raise _fail(where, "record", "expected an object")
+        subject = _str(rec, "subject", where)
+        prompt = _str(rec, "prompt", where)
+        if not subject or subject not in prompt:
+            raise _fail(where, "prompt", f"does not contain the subject {subject!r}: {prompt!r}")
+        truth = _str(rec, "ground_truth", where, required=False)
+        loc = _str(rec, "locality_prompt", where, required=False)
+        loc_answer = _str(rec, "locality_ground_truth", where, required=False)
+        if loc and loc_answer is None:
+            raise _fail(where, "locality_ground_truth", "missing (the locality prompt's answer)")
+        out.append(
+            EditRequest(
+                case_id=str(rec.get("case_id", i)),
+                subject=subject,
+                prompt=prompt.replace(subject, "{}", 1),
+                target_new=_str(rec, "target_new", where),
+                target_true=truth,
+                paraphrases=_str_list(rec, "rephrase_prompt", where),
+                neighborhood=[loc] if loc else [],
+                # an answer of its own only where it is not the case's true object (as zsRE's loc_ans)
+                neighborhood_answers=[loc_answer] if loc and loc_answer != truth else [],
+            )
+        )
+    return out
+
+
 def parse_simple(records: Sequence[dict]) -> list[EditRequest]:
     """The simple schema: ``{"subject", "prompt", "target_new"}`` (+ optional ``target_true``,
     ``paraphrases``, ``neighborhood``, ``case_id``, ``relation_id``, ``generation_prompts``)."""
@@ -219,26 +254,55 @@ def detect_format(records: Sequence[dict]) -> str:
         return "counterfact"
     if "src" in first and "alt" in first:
         return "zsre"
+    if "ground_truth" in first and "rephrase_prompt" in first:
+        return "easyedit-counterfact"
     return "simple"
 
 
-PARSERS = {"counterfact": parse_counterfact, "zsre": parse_zsre, "simple": parse_simple}
+PARSERS = {"counterfact": parse_counterfact, "zsre": parse_zsre, "easyedit-counterfact": parse_easyedit_counterfact,
+           "simple": parse_simple}
 
 
-def load_edits(path: str | Path, fmt: str = "auto", tokenizer=None, limit: int | None = None) -> list[EditRequest]:
-    """Read, parse and validate an edits file; ``limit`` keeps the first n records."""
+def drop_conflicts(requests: Sequence[EditRequest]) -> tuple[list[EditRequest], list[EditRequest]]:
+    """(kept, dropped): the requests without those that conflict with an earlier one (same subject and prompt,
+    another new object: Eqn. 5 cannot hold both), as the paper removes them before its scaling runs."""
+    first: dict[tuple[str, str], str] = {}
+    kept, dropped = [], []
+    for r in requests:
+        key = (r.subject, r.prompt)
+        if key in first and first[key] != r.target_new:
+            dropped.append(r)
+            continue
+        first.setdefault(key, r.target_new)
+        kept.append(r)
+    return kept, dropped
+
+
+def load_edits(path: str | Path, fmt: str = "auto", tokenizer=None, limit: int | None = None,
+               drop_conflicting: bool = False) -> list[EditRequest]:
+    """Read, parse and validate an edits file; ``limit`` keeps the first n records (after dropping, with
+    ``drop_conflicting``, the records that conflict with an earlier one; otherwise a conflict is an error)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"edits file not found: {path}")
     records = _read_records(path)
     if not records:
         raise EditFileError(f"{path}: no records")
-    if limit is not None:
+    if limit is not None and not drop_conflicting:
         records = records[:limit]
     fmt = detect_format(records) if fmt == "auto" else fmt
     if fmt not in PARSERS:
         raise ValueError(f"unknown edits format {fmt!r}; expected auto, {', '.join(PARSERS)}")
     requests = PARSERS[fmt](records)
+    if drop_conflicting:
+        requests, dropped = drop_conflicts(requests)
+        if dropped:
+            import logging
+
+            logging.getLogger(__name__).info("%s: dropped %d requests that conflict with an earlier one (same "
+                                             "subject and prompt, another new object), e.g. case %s", path,
+                                             len(dropped), dropped[0].case_id)
+        requests = requests[:limit] if limit is not None else requests
     validate(requests, tokenizer)
     return requests
 
