@@ -31,9 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import record  # noqa: E402
-from memit_pl.config import EvalConfig  # noqa: E402
+from memit_pl.config import EvalConfig, TrainerConfig  # noqa: E402
 from memit_pl.data.edits import load_edits  # noqa: E402
 from memit_pl.modeling.loading import load_model  # noqa: E402
+from memit_pl.stages import runtime  # noqa: E402
 from memit_pl.stages.evaluate import METRICS, evaluate_requests  # noqa: E402
 
 DEFAULT_EDITS = ROOT / ".." / "shared" / "data" / "counterfact_known_dev.json"
@@ -84,22 +85,27 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=EvalConfig.batch_size, help="rows per forward pass")
     ap.add_argument("--ge-cases", type=int, default=8, help="cases for the Generation Entropy check (0: none)")
+    ap.add_argument("--compute", default="auto", help="compute dtype of a third, batched run (auto, bfloat16, float32)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "eval.json"))
     args = ap.parse_args()
     record.preflight("bench.eval", args)
+    compute = runtime.resolve_compute_dtype(args.compute, "cpu")
+    compute_trainer = TrainerConfig(enable_progress_bar=False, precision=runtime.lightning_precision(compute))
 
     model, tok = load_model(args.model, device="cpu")
     requests = load_edits(args.edits, tokenizer=tok, limit=args.n)
     cfg = EvalConfig(batch_size=args.batch_size, max_generation_prompts=0)
     evaluate_requests(model, tok, requests[:4], cfg)  # warm-up
 
-    times: dict[str, list[float]] = {"batched": [], "per_record": []}
+    evaluate_requests(model, tok, requests[:4], cfg, compute_trainer)  # warm-up of the compute dtype
+    times: dict[str, list[float]] = {"batched": [], "per_record": [], "compute": []}
     results = {}
     for rep in range(args.repeats):
-        order = ["batched", "per_record"] if rep % 2 == 0 else ["per_record", "batched"]
+        order = ["batched", "compute", "per_record"] if rep % 2 == 0 else ["per_record", "compute", "batched"]
         for mode in order:
             t0 = time.perf_counter()
-            res = evaluate_requests(model, tok, requests, cfg, per_record=mode == "per_record")
+            res = evaluate_requests(model, tok, requests, cfg, compute_trainer if mode == "compute" else None,
+                                    per_record=mode == "per_record")
             times[mode].append(time.perf_counter() - t0)
             results[mode] = res
             print(f"repeat {rep} {mode}: {times[mode][-1]:.1f}s", flush=True)
@@ -126,6 +132,13 @@ def main() -> int:
         "batched_cases_per_s": round(len(requests) / med["batched"], 2),
         "per_record_cases_per_s": round(len(requests) / med["per_record"], 2),
         "speedup": round(med["per_record"] / med["batched"], 2),
+        "fp32_s": round(med["batched"], 2),
+        "compute_s": round(med["compute"], 2),
+        "compute_runs_s": [round(t, 2) for t in times["compute"]],
+        "ratio_compute_vs_fp32": round(med["batched"] / med["compute"], 2),
+        "max_abs_metric_diff_compute_vs_fp32": max_metric_diff(results["compute"], batched),
+        "max_abs_nll_diff_compute_vs_fp32": max_nll_diff(prompt_nlls(results["compute"]), prompt_nlls(batched)),
+        "metrics_compute": results["compute"]["metrics"],
         "max_abs_metric_diff_batched_vs_per_record": max_metric_diff(batched, per_record),
         "max_abs_nll_diff_batched_vs_per_record": max_nll_diff(prompt_nlls(batched), prompt_nlls(per_record)),
         "reference_reimplementation_s": round(ref_s, 2),
@@ -154,7 +167,7 @@ def main() -> int:
     report["same_metrics"] = report["max_abs_metric_diff_batched_vs_per_record"] < 1e-3 and (
         report["max_abs_nll_diff_vs_reference"] < 1e-3
     )
-    rec = record.record("eval", report, args=args, config={"eval": dataclasses.asdict(cfg)})
+    rec = record.record("eval", report, args=args, config={"eval": dataclasses.asdict(cfg)}, compute_dtype=compute)
     record.write(args.out, rec)
     print(json.dumps(rec, indent=2))
     return 0 if report["same_metrics"] else 1

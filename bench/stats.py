@@ -35,6 +35,7 @@ from memit_pl.data.corpus import CorpusDataModule  # noqa: E402
 from memit_pl.modeling import hooks  # noqa: E402
 from memit_pl.modeling.loading import load_model  # noqa: E402
 from memit_pl.modeling.spec import get_spec  # noqa: E402
+from memit_pl.stages import runtime  # noqa: E402
 from memit_pl.stages.stats import layer_covariances  # noqa: E402
 
 
@@ -57,10 +58,12 @@ def reference_stats(model, batches, layers, dtype=torch.float32) -> dict[int, to
     return out
 
 
-def ours_stats(model, tok, layers, cfg: StatsConfig) -> dict[int, torch.Tensor]:
-    """The package's stage, from the corpus file to the cache files (a fresh cache each time)."""
+def ours_stats(model, tok, layers, cfg: StatsConfig, compute: str = "float32") -> dict[int, torch.Tensor]:
+    """The package's stage, from the corpus file to the cache files (a fresh cache each time), its passes in
+    the ``compute`` dtype (Σ k kᵀ is accumulated in ``cfg.dtype`` either way)."""
+    precision = None if compute == "float32" else runtime.lightning_precision(compute)
     with tempfile.TemporaryDirectory() as d:
-        trainer = TrainerConfig(accelerator="cpu", devices=1, enable_progress_bar=False)
+        trainer = TrainerConfig(accelerator="cpu", devices=1, enable_progress_bar=False, precision=precision)
         return layer_covariances(model, tok, layers, cfg, cache_dir=d, trainer=trainer)
 
 
@@ -84,9 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--compute", default="auto", help="compute dtype of a third run of ours (auto, bfloat16, float32)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "stats.json")
     args = p.parse_args(argv)
     record.preflight("bench.stats", args, argv)
+    compute = runtime.resolve_compute_dtype(args.compute, "cpu")
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     corpus = args.data / "wiki.valid.raw"
@@ -109,15 +114,19 @@ def main(argv: list[str] | None = None) -> int:
 
     warm = StatsConfig(**{**cfg.__dict__, "n_samples": args.batch_size})
     ours_stats(model, tok, args.layers, warm)
+    ours_stats(model, tok, args.layers, warm, compute)
     reference_stats(model, batches[:1], args.layers)
 
-    ours_t, base_t = [], []
+    ours_t, base_t, comp_t = [], [], []
     for r in range(args.repeats):
-        order = ("ours", "base") if r % 2 == 0 else ("base", "ours")
+        order = ("ours", "compute", "base") if r % 2 == 0 else ("base", "compute", "ours")
         for which in order:
             if which == "ours":
                 t, ours = timed(ours_stats, model, tok, args.layers, cfg)
                 ours_t.append(t)
+            elif which == "compute":
+                t, comp = timed(ours_stats, model, tok, args.layers, cfg, compute)
+                comp_t.append(t)
             else:
                 t, base = timed(reference_stats, model, batches, args.layers)
                 base_t.append(t)
@@ -127,7 +136,14 @@ def main(argv: list[str] | None = None) -> int:
         float((ours[layer] - base[layer]).abs().max() / base[layer].abs().max()) for layer in args.layers
     )
     ours_s, base_s = statistics.median(ours_t), statistics.median(base_t)
+    comp_s = statistics.median(comp_t)
+    rel_comp = max(float((comp[layer] - ours[layer]).norm() / ours[layer].norm()) for layer in args.layers)
     result = {
+        "fp32_s": round(ours_s, 2),
+        "compute_s": round(comp_s, 2),
+        "compute_runs_s": [round(t, 2) for t in comp_t],
+        "ratio_compute_vs_fp32": round(ours_s / comp_s, 2),
+        "max_rel_cov_diff_compute_vs_fp32": rel_comp,
         "ours_s": round(ours_s, 2),
         "baseline_s": round(base_s, 2),
         "ratio": round(base_s / ours_s, 2),
@@ -152,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         "notes": "ours = layer_covariances end to end (tokenising, Lightning stage, cache writes); "
         "baseline = per-layer passes over pre-tokenised batches; ratio = baseline_s / ours_s",
     }
-    rec = record.record("stats", result, args=args, argv=argv, config={"stats": dataclasses.asdict(cfg)})
+    rec = record.record("stats", result, args=args, argv=argv, config={"stats": dataclasses.asdict(cfg)},
+                        compute_dtype=compute)
     record.write(args.out, rec)
     print(json.dumps(rec, indent=2))
     return 0

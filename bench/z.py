@@ -1,6 +1,11 @@
-"""Batched z optimisation vs the serial per-edit reference loop, side by side in one run.
+"""Batched z optimisation in fp32 vs in the compute dtype vs the serial per-edit reference loop, side by
+side in one run.
 
-    .venv/bin/python -m bench.z [--n 100] [--compare N] [--plain 32] [--batch 32] [--config configs/smollm2-135m.yaml]
+    .venv/bin/python -m bench.z [--n 200] [--compare N] [--plain 32] [--batch 32] [--compute auto]
+                                [--config configs/smollm2-135m.yaml]
+
+The compute dtype (``--compute``: auto, float32, bfloat16; auto as ``model.compute_dtype: auto``) runs the
+same batched optimiser under autocast, batch by batch right after its fp32 run on the same edits.
 
 Ours is what `memit-pl z` runs: the edits ordered by their length after the subject (as
 ``compute_zs`` orders them), in batches of ``--batch``; per batch one no-grad pass over the columns
@@ -33,6 +38,7 @@ from memit_pl.config import MemitConfig  # noqa: E402
 from memit_pl.data.edits import load_edits  # noqa: E402
 from memit_pl.modeling.loading import load_model  # noqa: E402
 from memit_pl.modeling.spec import get_spec  # noqa: E402
+from memit_pl.stages import runtime  # noqa: E402
 from memit_pl.stages.context import context_prefixes  # noqa: E402
 from memit_pl.stages.zbatch import build_z_batch, by_live_length  # noqa: E402
 from memit_pl.stages.zopt import optimize_z  # noqa: E402
@@ -58,8 +64,9 @@ def profile_batch(model, spec, batch, cfg) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--edits", default=str(ROOT.parent / "shared/data/counterfact_known_dev.json"))
-    ap.add_argument("--n", type=int, default=100, help="edits (the first n cases)")
+    ap.add_argument("--edits", default=str(ROOT.parent / "shared/data/counterfact/counterfact-train.json"))
+    ap.add_argument("--n", type=int, default=200, help="edits (the first n cases, conflicts dropped)")
+    ap.add_argument("--compute", default="auto", help="compute dtype of the second batched run (auto, bfloat16, ...)")
     ap.add_argument("--batch", type=int, default=32, help="edits per batched optimisation")
     ap.add_argument("--compare", type=int, default=None,
                     help="edits (the first ones in file order) also optimised by the serial reference (default: all)")
@@ -76,13 +83,15 @@ def main() -> None:
     spec = get_spec(model)
     cfg = memit_from_yaml(Path(args.config))
     cfg.z_prefix_cache = True
-    requests = load_edits(args.edits, tokenizer=tok, limit=args.n)
+    requests = load_edits(args.edits, tokenizer=tok, limit=args.n, drop_conflicting=True)
+    compute = runtime.resolve_compute_dtype(args.compute, "cpu")
     prefixes = context_prefixes(model, tok, cfg.context_templates, cfg.context_seeds, cfg.seed)
     n_compare = len(requests) if args.compare is None else min(args.compare, len(requests))
     compared_ids = {r.case_id for r in requests[:n_compare]}
     ordered = by_live_length(tok, requests)
 
     ours_s, ours = [], {}  # per batch seconds; case id -> (z, loss, steps)
+    comp_s, comp = [], {}  # the same in the compute dtype
     base_s, base = [], {}  # per edit seconds; case id -> (z, loss, steps)
     before_frac = []
     for i in range(0, len(ordered), args.batch):
@@ -93,6 +102,12 @@ def main() -> None:
         ours_s.append(time.perf_counter() - t)
         for j, r in enumerate(chunk):
             ours[r.case_id] = (res.z[j], float(res.loss[j]), int(res.steps[j]))
+        t = time.perf_counter()
+        with runtime.autocast("cpu", compute):
+            res_c = optimize_z(model, spec, build_z_batch(tok, chunk, prefixes, cfg.essence_prompt), cfg)
+        comp_s.append(time.perf_counter() - t)
+        for j, r in enumerate(chunk):
+            comp[r.case_id] = (res_c.z[j], float(res_c.loss[j]), int(res_c.steps[j]))
         lens = batch.attention_mask.sum(1).float()
         before_frac.append(float((batch.lookup.float() / lens).mean()))
         for r in chunk:
@@ -101,7 +116,8 @@ def main() -> None:
                 base[r.case_id] = reference_z(model, tok, spec, r, prefixes, cfg)
                 base_s.append(time.perf_counter() - t)
         done = i + len(chunk)
-        print(f"edits {done}/{len(ordered)}: ours {sum(ours_s) / done:.3f} s/edit; reference "
+        print(f"edits {done}/{len(ordered)}: ours {sum(ours_s) / done:.3f} s/edit, {compute} "
+              f"{sum(comp_s) / done:.3f} s/edit; reference "
               f"{statistics.fmean(base_s) if base_s else float('nan'):.3f} s/edit over {len(base_s)}", flush=True)
 
     # The prefix cache's own share: the first --plain edits (in optimisation order) with and without it.
@@ -129,8 +145,22 @@ def main() -> None:
     ids = sorted(base, key=lambda c: [r.case_id for r in requests].index(c))
     rel = [float((ours[c][0] - base[c][0]).norm() / base[c][0].norm()) for c in ids]
     ours_per_edit = sum(ours_s) / len(ordered)
+    comp_per_edit = sum(comp_s) / len(ordered)
     base_per_edit = statistics.fmean(base_s)
+    rel_c = [float((comp[c][0] - ours[c][0]).norm() / ours[c][0].norm()) for c in ours]
     result = {
+        "fp32_s_per_edit": round(ours_per_edit, 4),
+        "compute_s_per_edit": round(comp_per_edit, 4),
+        "serial_s_per_edit": round(base_per_edit, 4),
+        "cpu_bf16_matmul_speedup": round(runtime.cpu_bf16_speedup(), 2),
+        "ratio_compute_vs_fp32": round(ours_per_edit / comp_per_edit, 2),
+        "ratio_compute_vs_serial": round(base_per_edit / comp_per_edit, 2),
+        "mean_loss_fp32": round(statistics.fmean(v[1] for v in ours.values()), 4),
+        "mean_loss_compute": round(statistics.fmean(v[1] for v in comp.values()), 4),
+        "mean_steps_compute": round(statistics.fmean(v[2] for v in comp.values()), 2),
+        "median_rel_z_diff_compute_vs_fp32": round(statistics.median(rel_c), 6),
+        "compute_batch_s_per_edit_median": round(statistics.median(
+            t / len(ordered[i * args.batch : (i + 1) * args.batch]) for i, t in enumerate(comp_s)), 4),
         "model": args.model,
         "n_edits": len(requests),
         "n_compared": len(ids),
@@ -156,7 +186,8 @@ def main() -> None:
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "torch_threads": torch.get_num_threads(),
     }
-    rec = record.record("z", result, args=args, config={"model": args.model, "memit": dataclasses.asdict(cfg)})
+    rec = record.record("z", result, args=args, config={"model": args.model, "memit": dataclasses.asdict(cfg)},
+                        compute_dtype=compute)
     record.write(args.out, rec)
     print(json.dumps(rec, indent=2))
 

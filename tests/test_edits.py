@@ -268,3 +268,76 @@ def test_target_ids_and_fill(tok):
     assert target_ids(tok, " Paris") == target_ids(tok, "Paris")
     assert target_ids(tok, "Paris") != tok("Paris", add_special_tokens=False)["input_ids"]
     assert fill("{} met {} in {{}}", "Ann") == "Ann met {} in {{}}"
+
+
+def _easyedit(i, subject, prompt, new, truth="guitar", **kw):
+    return {"case_id": i, "prompt": prompt, "target_new": new, "subject": subject, "ground_truth": truth,
+            "rephrase_prompt": f"{subject} is incredible at", "locality_prompt": "John Lennon performs on the",
+            "locality_ground_truth": truth, **kw}
+
+
+def test_easyedit_counterfact_is_detected_and_templated(tmp_path):
+    import json
+
+    from memit_pl.data.edits import load_edits
+
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps([_easyedit(2, "Toko Yasuda", "Toko Yasuda, the", "piano"),
+                                _easyedit(5, "Paris", "The mayor of Paris is", "Rome", truth="Hidalgo",
+                                          locality_ground_truth="Guitar")]))
+    a, b = load_edits(path)
+    assert (a.case_id, a.prompt, a.text, a.target_new, a.target_true) == ("2", "{}, the", "Toko Yasuda, the", "piano", "guitar")
+    assert a.paraphrases == ["Toko Yasuda is incredible at"] and a.neighborhood == ["John Lennon performs on the"]
+    assert a.neighborhood_answers == []  # the locality answer is the true object: NS compares against it
+    assert b.neighborhood_answers == ["Guitar"]
+
+
+def test_easyedit_prompt_without_its_subject_names_the_record(tmp_path):
+    import json
+
+    from memit_pl.data.edits import EditFileError, load_edits
+
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps([_easyedit(2, "Toko Yasuda", "Toko Yasuda, the", "piano"),
+                                _easyedit(9, "Miles Davis", "Toko Yasuda plays the", "drums")]))
+    with pytest.raises(EditFileError, match=r"record 1 \(case_id 9\): field 'prompt': does not contain the subject 'Miles Davis'"):
+        load_edits(path)
+
+
+def test_conflicting_requests_are_an_error_or_dropped_and_counted(tmp_path, caplog):
+    import json
+    import logging
+
+    from memit_pl.data.edits import EditFileError, drop_conflicts, load_edits
+
+    recs = [_easyedit(1, "Berlin", "Berlin is the capital of", "France"),
+            _easyedit(2, "Tokyo", "Tokyo is the capital of", "Peru"),
+            _easyedit(3, "Berlin", "Berlin is the capital of", "Spain"),   # conflicts with case 1
+            _easyedit(4, "Berlin", "Berlin is the capital of", "France"),  # the same fact again: no conflict
+            _easyedit(5, "Oslo", "Oslo is the capital of", "Chile")]
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps(recs))
+    with pytest.raises(EditFileError, match=r"record 2 \(case_id 3\).*conflicts with record 0"):
+        load_edits(path)
+    with caplog.at_level(logging.INFO, logger="memit_pl.data.edits"):
+        kept = load_edits(path, drop_conflicting=True, limit=3)
+    assert [r.case_id for r in kept] == ["1", "2", "4"]  # the limit counts kept requests
+    assert "dropped 1 requests" in caplog.text
+    reqs = load_edits(path, drop_conflicting=True)
+    k, d = drop_conflicts(reqs)
+    assert d == [] and len(k) == 4
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.skipif(not (SHARED / "counterfact" / "counterfact-train.json").exists(), reason="needs ../shared/data")
+def test_the_real_counterfact_train_split_loads_with_its_74_conflicts_dropped():
+    from memit_pl.data.edits import EditFileError, load_edits
+
+    path = SHARED / "counterfact" / "counterfact-train.json"
+    with pytest.raises(EditFileError, match="conflicts with record"):
+        load_edits(path)
+    kept = load_edits(path, drop_conflicting=True)
+    assert len(kept) == 10_000 - 74
+    assert all("{}" in r.prompt and r.paraphrases and r.neighborhood for r in kept)

@@ -411,3 +411,54 @@ def test_smollm2_scores_match_the_reference_algorithm(smollm2):
             lp = torch.log_softmax(logits[i, prefix_lens[i // 2] - 1 : prefix_lens[i // 2] - 1 + len(t)], -1)
             ref = -sum(lp[j, tid].item() for j, tid in enumerate(t)) / len(t)
             assert ours[i // 2][i % 2] == pytest.approx(ref, abs=1e-4)
+
+
+def _rec(case_id, rewrite, paraphrase, neighbourhood):
+    return {"case_id": case_id, "prompts": {
+        "rewrite": [{"token_acc": a} for a in rewrite],
+        "paraphrase": [{"token_acc": a} for a in paraphrase],
+        "neighborhood": [{"argmax": ids} for ids in neighbourhood]}}
+
+
+def test_easyedit_metrics_by_hand():
+    from memit_pl.stages.eval_report import easyedit_metrics
+
+    before = [_rec("a", [0.0], [0.0, 0.5], [[1, 2, 3], [4]]), _rec("b", [0.5], [], [[7, 7]])]
+    after = [_rec("a", [1.0], [0.5, 1.0], [[1, 9, 3], [4]]), _rec("b", [0.5], [], [[7, 8]])]
+    m = easyedit_metrics(after, before)
+    # Reliability: cases a 1.0, b 0.5 -> 75; Generalization: only case a has paraphrases, (0.5 + 1) / 2 -> 75
+    assert m["reliability"] == pytest.approx(75.0) and m["generalization"] == pytest.approx(75.0)
+    # Locality: case a: prompts 2/3 and 1/1 -> 5/6; case b: 1/2; mean (5/6 + 1/2) / 2 = 2/3
+    assert m["locality"] == pytest.approx(100 * 2 / 3)
+    assert easyedit_metrics(after)["locality"] is None
+    assert easyedit_metrics(before, before)["locality"] == pytest.approx(100.0)
+
+
+def test_easyedit_locality_end_to_end_against_argmax_by_hand(make_model, tok):
+    """The records hold the teacher-forced argmax tokens of each neighbourhood prompt's answer; Locality of a
+    changed model equals the hand-counted share of those tokens that stayed."""
+    from memit_pl.stages.eval_report import easyedit_metrics
+
+    reqs = cf_requests()
+    cfg = EvalConfig(max_generation_prompts=0)
+    a, b = make_model("llama", seed=0), make_model("llama", seed=0)
+    with torch.no_grad():
+        get_spec(b).out_weight(b, 1).add_(torch.randn_like(get_spec(b).out_weight(b, 1)) * 0.5)
+    ra, rb = evaluate_requests(a, tok, reqs, cfg), evaluate_requests(b, tok, reqs, cfg)
+
+    def argmax(model, prompt, target):
+        ids, t = tok(prompt)["input_ids"], target_ids(tok, target)
+        logits = model(torch.tensor([ids + t])).logits[0]
+        return [int(logits[len(ids) - 1 + j].argmax()) for j in range(len(t))]
+
+    shares = []
+    for r, case in zip(reqs, ra["cases"]):
+        if r.target_true is None:
+            continue
+        per = []
+        for i, p in enumerate(r.neighborhood):
+            before, after = argmax(a, p, r.target_true), argmax(b, p, r.target_true)
+            assert case["prompts"]["neighborhood"][i]["argmax"] == before
+            per.append(sum(x == y for x, y in zip(before, after)) / len(before))
+        shares.append(sum(per) / len(per))
+    assert easyedit_metrics(rb["cases"], ra["cases"])["locality"] == pytest.approx(100 * sum(shares) / len(shares))

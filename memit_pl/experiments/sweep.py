@@ -19,6 +19,7 @@ from memit_pl.editor import MEMIT, restored  # noqa: F401  (restored: re-exporte
 log = logging.getLogger(__name__)
 
 COLUMNS = ("S", "ES", "PS", "NS", "NSu", "GE")
+EASYEDIT_COLUMNS = ("reliability", "generalization", "locality")
 
 
 def log_grid(n_max: int) -> list[int]:
@@ -27,9 +28,15 @@ def log_grid(n_max: int) -> list[int]:
     return [*grid, n_max]
 
 
-def row(n: int, result: dict[str, Any], **extra) -> dict[str, Any]:
+def row(n: int, result: dict[str, Any], unedited: dict[str, Any] | None = None, **extra) -> dict[str, Any]:
+    """A sweep/tune row: the paper's columns, then EasyEdit's (Locality against ``unedited``, the unedited
+    model's result on the same cases; 100 for the unedited row itself)."""
+    from memit_pl.stages.eval_report import easyedit_metrics
+
     m = result["metrics"]
-    return {"n": n, **extra, **{k: (round(m[k], 2) if m.get(k) is not None else None) for k in COLUMNS}}
+    ee = easyedit_metrics(result["cases"], unedited["cases"] if unedited is not None else result["cases"])
+    out = {"n": n, **extra, **{k: (round(m[k], 2) if m.get(k) is not None else None) for k in COLUMNS}}
+    return {**out, **{k: (round(v, 2) if v is not None else None) for k, v in ee.items()}}
 
 
 def scaling_sweep(editor: MEMIT, requests: Sequence[EditRequest], memit: MemitConfig, grid: Sequence[int],
@@ -50,7 +57,7 @@ def scaling_sweep(editor: MEMIT, requests: Sequence[EditRequest], memit: MemitCo
             base = nsu_of_records(unedited["cases"][:n], [r.subject for r in requests[:n]])
             extra = {} if lam is None else {"lam": float(lam)}
             tag = f"n{n}" if lam is None else f"n{n}_lam{lam:g}"
-            rows.append(row(n, editor.edited_evaluation(requests[:n], store, point, tag),
+            rows.append(row(n, editor.edited_evaluation(requests[:n], store, point, tag), unedited,
                             NSu_unedited=None if base is None else round(base, 2), **extra))
             log.info("sweep %s: %s", tag, rows[-1])
     return rows
@@ -111,7 +118,8 @@ def write_sweep(out_dir: str | Path, rows: list[dict], meta: dict[str, Any]) -> 
     out_dir = Path(out_dir)
     io.write_json(out_dir / "sweep.json", {**meta, "rows": rows})
     lam = any("lam" in r for r in rows)
-    io.write_text(out_dir / "sweep.md", markdown(rows, ("n", *(("lam",) if lam else ()), *COLUMNS, "NSu_unedited")) + "\n")
+    io.write_text(out_dir / "sweep.md", markdown(rows, ("n", *(("lam",) if lam else ()), *COLUMNS, "NSu_unedited",
+                                                        *EASYEDIT_COLUMNS)) + "\n")
     plot_rows(rows, "n", out_dir / "sweep.png", f"{meta.get('model')}: edits in one batch", group="lam" if lam else None,
               baseline=rows[0] if lam else None)
 

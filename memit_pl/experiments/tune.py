@@ -99,7 +99,8 @@ def tune(
     """Search the grid on the tuning part; measure the chosen point on the held-back part."""
     _check_ns_metric(ns_metric)  # before any expensive work
     tune_part, held = split(requests, tune_fraction, seed)
-    base = row(0, editor.evaluate(tune_part))
+    base_res = editor.evaluate(tune_part)
+    base = row(0, base_res)
     rows = []
     for window in windows:
         cfg = with_layers(memit, window)
@@ -107,14 +108,15 @@ def tune(
         for lam in lambdas:
             point = with_layers(memit, window, lam)
             tag = f"L{'-'.join(map(str, window))}_lam{lam:g}"
-            rows.append(row(len(tune_part), editor.edited_evaluation(tune_part, store, point, tag),
+            rows.append(row(len(tune_part), editor.edited_evaluation(tune_part, store, point, tag), base_res,
                             lam=lam, layers=f"{window[0]}-{window[-1]}", window=list(window)))
             log.info("tune %s: %s", tag, rows[-1])
     chosen, within = select(rows, base, max_ns_drop, max_ge_drop, ns_metric)
     best = with_layers(memit, chosen["window"], chosen["lam"])
-    held_base = row(0, editor.evaluate(held))
+    held_res = editor.evaluate(held)
+    held_base = row(0, held_res)
     store = editor.zs(list(tune_part) + list(held), best)
-    held_row = row(len(held), editor.edited_evaluation(held, store, best, "held", eval_requests=held))
+    held_row = row(len(held), editor.edited_evaluation(held, store, best, "held", eval_requests=held), held_res)
     result = {
         "n_tune": len(tune_part),
         "n_held": len(held),

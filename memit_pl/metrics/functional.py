@@ -267,3 +267,15 @@ def reference_score(
     """Reference Score (consistency): mean over cases of the TF-IDF cosine between a case's
     generations and the reference texts about its new object."""
     return _case_mean_compute(*_reference_score_update(generated, references, vocab, idf))
+
+
+def unchanged_share(before: Sequence[int], after: Sequence[int]) -> float:
+    """EasyEdit's Locality of one prompt: the share of its teacher-forced argmax tokens that the edit left
+    unchanged (``before`` from the unedited model, ``after`` from the edited one, same positions).
+
+    >>> unchanged_share([5, 7, 9, 2], [5, 7, 1, 2])
+    0.75
+    """
+    if len(before) != len(after) or not before:
+        raise ValueError(f"argmax tokens of different lengths or none: {len(before)} vs {len(after)}")
+    return sum(a == b for a, b in zip(before, after)) / len(before)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from memit_pl import io
-from memit_pl.metrics.functional import harmonic_mean
+from memit_pl.metrics.functional import harmonic_mean, unchanged_share
 from memit_pl.stages.evaluate import METRICS, SCALE
 
 TABLE2 = [("S", "Score S"), ("ES", "ES"), ("EM", "EM"), ("PS", "PS"), ("PM", "PM"), ("NS", "NS"), ("NSu", "NSu"), ("NM", "NM"),
@@ -28,6 +28,38 @@ def aggregate(cases: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
     rates = [out[k] for k in ("ES", "PS", "NS")]
     out["S"] = None if any(r is None for r in rates) else float(harmonic_mean(rates))
     return out
+
+
+EASYEDIT = ("reliability", "generalization", "locality")
+"""EasyEdit's metric names (Wang et al. 2024): teacher-forced argmax-token accuracy of the new object on
+the rewrite prompts (Reliability) and the paraphrases (Generalization), and the share of the neighbourhood
+prompts' argmax tokens that the edit left unchanged (Locality); × SCALE."""
+
+
+def _case_mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def easyedit_metrics(cases: Sequence[Mapping[str, Any]],
+                     unedited: Sequence[Mapping[str, Any]] | None = None) -> dict[str, float | None]:
+    """EasyEdit's Reliability, Generalization and Locality from per-case records of the edited model; Locality
+    needs the unedited model's records of the same cases (matched by case id; None without them). Each is
+    the mean over cases of the case's mean over its prompts, as EasyEdit averages."""
+    before = {c["case_id"]: c for c in unedited or ()}
+    per: dict[str, list[float]] = {k: [] for k in EASYEDIT}
+    for c in cases:
+        for key, kind in (("reliability", "rewrite"), ("generalization", "paraphrase")):
+            v = _case_mean([e["token_acc"] for e in c["prompts"][kind] if e.get("token_acc") is not None])
+            if v is not None:
+                per[key].append(v)
+        b = before.get(c["case_id"])
+        if b is not None:
+            pairs = [(x["argmax"], y["argmax"]) for x, y in zip(b["prompts"]["neighborhood"], c["prompts"]["neighborhood"])
+                     if x.get("argmax") and y.get("argmax")]
+            v = _case_mean([unchanged_share(x, y) for x, y in pairs])
+            if v is not None:
+                per["locality"].append(v)
+    return {k: (sum(v) / len(v) * SCALE if v else None) for k, v in per.items()}
 
 
 def relation_breakdown(cases: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -55,6 +87,17 @@ def metrics_table(runs: Mapping[str, Mapping[str, Any]]) -> str:
     return markdown_table(["Editor"] + [h for _, h in TABLE2], rows)
 
 
+def easyedit_table(runs: Mapping[str, Mapping[str, Any]]) -> str:
+    """EasyEdit's Reliability, Generalization, Locality per run; Locality against the run labelled
+    ``unedited`` (100 for that run itself), None without one."""
+    base = runs.get("unedited")
+    rows = []
+    for label, r in runs.items():
+        m = easyedit_metrics(r["cases"], base["cases"] if base is not None else None)
+        rows.append([label] + [_fmt(m[k]) for k in EASYEDIT])
+    return markdown_table(["Editor", "Reliability", "Generalization", "Locality"], rows)
+
+
 def render_report(runs: Mapping[str, Mapping[str, Any]], meta: Mapping[str, Any]) -> str:
     """``report.md``: the Table 2 layout, zsRE accuracies, the per-relation breakdown, what was skipped."""
     labels = list(runs)
@@ -70,6 +113,14 @@ def render_report(runs: Mapping[str, Mapping[str, Any]], meta: Mapping[str, Any]
         "## Table 2 layout",
         "",
         metrics_table(runs),
+        "",
+        "## EasyEdit's metrics",
+        "",
+        "Teacher-forced argmax-token accuracy of the new object on the rewrite prompts (Reliability) and the "
+        "paraphrases (Generalization); Locality: the share of the neighbourhood prompts' argmax tokens the "
+        "edit left unchanged (against the unedited run).",
+        "",
+        easyedit_table(runs),
         "",
         "## Top-1 token accuracy (zsRE metrics)",
         "",
@@ -162,6 +213,8 @@ def write_reports(out_dir: str | Path, runs: Mapping[str, Mapping[str, Any]], me
         "n_cases": next(iter(runs.values()))["n_cases"],
         "scale": SCALE,
         "metrics": {lab: r["metrics"] for lab, r in runs.items()},
+        "easyedit": {lab: easyedit_metrics(r["cases"], runs["unedited"]["cases"] if "unedited" in runs else None)
+                     for lab, r in runs.items()},
         "counts": {lab: r["counts"] for lab, r in runs.items()},
         "skipped": {lab: r["skipped"] for lab, r in runs.items()},
         "seconds": {lab: r["seconds"] for lab, r in runs.items()},

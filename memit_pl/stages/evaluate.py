@@ -155,7 +155,9 @@ class EvalModule(L.LightningModule):
 
     @override
     def predict_step(self, batch: dict[str, Any], batch_idx: int = 0) -> list[dict[str, Any]]:
-        lp, ok, tmask = target_token_stats(target_logits(self.model, batch), batch["target_ids"])
+        logits = target_logits(self.model, batch)
+        lp, ok, tmask = target_token_stats(logits, batch["target_ids"])
+        top = logits.argmax(-1).masked_fill(~tmask, -1)  # [targets, t_max]: EasyEdit's Locality compares these
         nll = mean_nll(lp, tmask)
         pc, pk, pn, pt = (batch[k] for k in ("pair_case", "pair_kind", "pair_new", "pair_true"))
         ac, ak, ar = batch["acc_case"], batch["acc_kind"], batch["acc_target"]
@@ -186,9 +188,10 @@ class EvalModule(L.LightningModule):
         records = []
         at = 0
         nll_l, acc_l = nll.tolist(), (ok.sum(-1).double() / tmask.sum(-1)).tolist()
+        top_l = [[i for i in row if i >= 0] for row in top.tolist()]
         for c, gen in zip(items, texts):
             n = len(c.targets)
-            records.append(self._record(c, nll_l[at : at + n], acc_l[at : at + n], per_case, gen))
+            records.append(self._record(c, nll_l[at : at + n], acc_l[at : at + n], per_case, gen, top_l[at : at + n]))
             at += n
         return records
 
@@ -210,14 +213,17 @@ class EvalModule(L.LightningModule):
                 self.metrics["RS"].update([p[0] for p in pairs], [p[1] for p in pairs])
         return texts
 
-    def _record(self, c: CaseItem, nll: list[float], acc: list[float], per_case: dict, gen: list[str]) -> dict:
+    def _record(self, c: CaseItem, nll: list[float], acc: list[float], per_case: dict, gen: list[str],
+                top: list[list[int]]) -> dict:
         r = c.request
         prompts: dict[str, list[dict]] = {k: [{"prompt": p} for p in c.prompts[i]] for i, k in enumerate(KINDS)}
-        for t, v, a in zip(c.targets, nll, acc):
+        for t, v, a, ids in zip(c.targets, nll, acc, top):
             entry = prompts[KINDS[t.kind]][t.prompt_index]
             entry[f"nll_{t.label}"] = v
             if is_acc_target(t):
                 entry["token_acc"] = a
+                if t.kind == 2:  # the argmax tokens, teacher-forced on the answer (EasyEdit's Locality)
+                    entry["argmax"] = ids
         for i in c.about_edited:
             prompts["neighborhood"][i]["about_edited_subject"] = True
         rec: dict[str, Any] = {
