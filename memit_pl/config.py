@@ -82,8 +82,17 @@ class MemitConfig:
     misbehaves)."""
     seed: int = 0
     """Seed of the sampled context prefixes."""
+    method: str = "memit"
+    """The update rule: memit (Eqn. 14) or alphaedit (Eqn. 14's residuals projected onto the null space of
+    the preserved keys, Fang et al. 2025; λ unused)."""
+    nullspace_threshold: float = 2e-2
+    """alphaedit: eigenvalues of E[k kᵀ] below this span the null space the update is projected onto."""
+    alphaedit_l2: float = 10.0
+    """alphaedit: the ridge weight α of its solve."""
 
     def __post_init__(self) -> None:
+        if self.method not in ("memit", "alphaedit"):
+            raise ValueError(f"memit.method must be memit or alphaedit, not {self.method!r}")
         if not self.layers:
             raise ValueError("memit.layers must name at least one layer")
         if sorted(set(self.layers)) != list(self.layers):
@@ -158,10 +167,18 @@ class EvalConfig:
     ``generate_fast`` (k = 5); 1 is greedy decoding."""
     generation_seed: int = 0
     """Seed of that sampling (each prompt draws from its own generator, seeded by this and its text)."""
+    generation_from_rewrite: bool = True
+    """A case without generation prompts (EasyEdit's CounterFact, zsRE) generates from its filled rewrite
+    prompt instead; off: such cases skip Generation Entropy."""
+    generation_cases: int | None = None
+    """Generation Entropy on a fixed sample of this many cases (chosen by a hash of each case id and the
+    seed, so the same cases are sampled in every run); None: every case."""
 
     def __post_init__(self) -> None:
         if self.generation_top_k < 1:
             raise ValueError(f"eval.generation_top_k must be >= 1 (1 is greedy), got {self.generation_top_k}")
+        if self.generation_cases is not None and self.generation_cases < 1:
+            raise ValueError(f"eval.generation_cases must be >= 1 or null, got {self.generation_cases}")
         if self.generation_length < 0 or self.max_generation_prompts < 0:
             raise ValueError("eval.generation_length and eval.max_generation_prompts must be >= 0")
 

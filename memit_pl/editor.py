@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, replace
@@ -92,7 +93,7 @@ class MEMIT:
         from memit_pl.modeling.loading import input_device
         from memit_pl.stages import runtime
 
-        self.compute_dtype = runtime.resolve_compute_dtype(self.config.model.compute_dtype, input_device(model))
+        self.compute_dtype = runtime.resolve_compute_dtype(self.config.model.compute_dtype, input_device(model), model)
         """The resolved ``model.compute_dtype`` of every pass (float32, bfloat16 or float16)."""
         precision = None if self.compute_dtype == "float32" else runtime.lightning_precision(self.compute_dtype)
         self.config = replace(self.config, trainer=replace(self.config.trainer, precision=precision))
@@ -108,6 +109,7 @@ class MEMIT:
         """z optimisations started (a λ sweep starts none twice)."""
         self._covs: dict[int, Tensor] = {}
         self._cov_id = ""
+        self._solvers: dict[tuple, Solver] = {}
 
     # --- construction ----------------------------------------------------------------------------------
 
@@ -209,11 +211,22 @@ class MEMIT:
         from memit_pl.stages.apply import apply_memit
 
         memit = memit or self.memit
-        out_dir = Path(out_dir) if out_dir is not None else self.work_dir / _tag(requests, memit)
+        out_dir = Path(out_dir) if out_dir is not None else self.work_dir / _tag(requests, memit, prev_keys)
         return apply_memit(self.model, self.tokenizer, requests, store, self.covariances(memit.layers), memit,
                            out_dir, trainer=self.config.trainer, prev_keys=prev_keys,
                            cov_ids={layer: self._cov_id for layer in memit.layers}, prev_ids=list(prev_ids),
-                           solver=self.solver)
+                           solver=self.solver or self._method_solver(memit))
+
+    def _method_solver(self, memit: MemitConfig) -> Solver | None:
+        """The solver of ``memit.method`` (None: Eqn. 14), one per setting so its projections are reused."""
+        if memit.method == "memit":
+            return None
+        from memit_pl.functional.solve import AlphaEditSolver
+
+        key = (memit.nullspace_threshold, memit.alphaedit_l2)
+        if key not in self._solvers:
+            self._solvers[key] = AlphaEditSolver(*key)
+        return self._solvers[key]
 
     def edit(self, requests: Sequence[EditRequest], memit: MemitConfig | None = None, *,
              prev_keys: dict[int, Tensor] | None = None) -> EditDelta:
@@ -230,6 +243,47 @@ class MEMIT:
         delta.metadata.update({"memit": asdict(memit), "z_mean_loss": float(store.tensors["loss"].mean()),
                                "compute_dtype": self.compute_dtype})
         return delta
+
+    def edit_in_rounds(self, requests: Sequence[EditRequest], round_size: int, memit: MemitConfig | None = None, *,
+                       evaluate_every: int = 1, keep_previous_keys: bool = True,
+                       on_row: Callable[[dict], None] | None = None) -> list[dict[str, Any]]:
+        """Lifelong editing: the requests in rounds of ``round_size`` on the same model, each round's keys kept
+        for the preserved term of the next ones (``keep_previous_keys``), and every ``evaluate_every`` rounds
+        (and after the last) an evaluation of all edits so far. Returns one row per evaluation
+        (``edits_so_far``, ``round``, the paper's and EasyEdit's metrics, ``seconds`` of editing so far); the
+        model stays edited. With a ``work_dir`` an interrupted run resumes: finished rounds are re-applied
+        from their saved layers, not recomputed.
+        """
+        from memit_pl.experiments.sweep import row
+        from memit_pl.stages.apply import saved_keys
+
+        memit = memit or self.memit
+        if round_size < 1 or evaluate_every < 1:
+            raise ValueError("round_size and evaluate_every must be >= 1")
+        self.check(requests, memit)
+        unedited = self.evaluate(requests)
+        rows = [row(0, unedited, round=0, edits_so_far=0, seconds=0.0)]
+        prev: dict[int, list[Tensor]] = {}
+        seconds = 0.0
+        n_rounds = -(-len(requests) // round_size)
+        for i in range(n_rounds):
+            chunk = list(requests[i * round_size : (i + 1) * round_size])
+            t = time.perf_counter()
+            keys = {layer: torch.cat(ks) for layer, ks in prev.items()} if prev and keep_previous_keys else None
+            self.edit(chunk, memit, prev_keys=keys)
+            seconds += time.perf_counter() - t
+            for layer, k in saved_keys(self.work_dir / _tag(chunk, memit, keys)).items():
+                prev.setdefault(layer, []).append(k)
+            done = min((i + 1) * round_size, len(requests))
+            if (i + 1) % evaluate_every == 0 or i == n_rounds - 1:
+                so_far = list(requests[:done])
+                r = row(done, self.evaluate(so_far), {"cases": unedited["cases"][:done]}, round=i + 1,
+                        edits_so_far=done, seconds=round(seconds, 1))
+                rows.append(r)
+                log.info("round %d (%d edits so far): %s", i + 1, done, r)
+                if on_row is not None:
+                    on_row(r)
+        return rows
 
     @contextmanager
     def edited(self, requests: Sequence[EditRequest], memit: MemitConfig | None = None) -> Iterator[EditDelta]:
@@ -283,8 +337,9 @@ def _hub_name(model: nn.Module) -> str | None:
     return getattr(cfg, "_name_or_path", None) or None
 
 
-def _tag(requests: Sequence[EditRequest], memit: MemitConfig) -> str:
-    data = json.dumps({"cases": [r.case_id for r in requests], "memit": asdict(memit)}, sort_keys=True)
+def _tag(requests: Sequence[EditRequest], memit: MemitConfig, prev_keys: dict[int, Tensor] | None = None) -> str:
+    prev = {str(k): [int(v.shape[0]), float(v.double().sum())] for k, v in sorted((prev_keys or {}).items())}
+    data = json.dumps({"cases": [r.case_id for r in requests], "memit": asdict(memit), "prev": prev}, sort_keys=True)
     return "edit-" + hashlib.sha256(data.encode()).hexdigest()[:12]
 
 

@@ -214,3 +214,62 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     assert "'ES': 100.0" in out  # evaluated inside `edited`
     # reverted, then edited and restored: the model answers as before the edit again
     assert editor.predict("Michael Jordan plays the sport of") != ["baseball"]
+
+
+def test_edit_in_rounds_evaluates_all_edits_so_far_and_resumes(editor, make_model, tok, tmp_path, monkeypatch):
+    import memit_pl.stages.zmodule as zm
+
+    reqs = requests()
+    before = weights(editor, editor.memit.layers)
+    rows = editor.edit_in_rounds(reqs, round_size=1, evaluate_every=2)
+    assert [r["edits_so_far"] for r in rows] == [0, 2, 3] and [r["round"] for r in rows] == [0, 2, 3]
+    assert rows[0]["locality"] == 100.0 and rows[-1]["ES"] is not None
+    after = weights(editor, editor.memit.layers)
+    assert all(not torch.equal(after[x], before[x]) for x in after)
+    # a second run on the same work dir (the unedited model again): every round is re-applied, nothing optimised
+    calls = []
+    real = zm.optimize_z
+    monkeypatch.setattr(zm, "optimize_z", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = make_model("llama")
+    again = MEMIT(model, tok, editor.config, work_dir=editor.work_dir, cache_dir=editor.cache_dir)
+    rows2 = again.edit_in_rounds(reqs, round_size=1, evaluate_every=2)
+    assert calls == [] and [r["ES"] for r in rows2] == [r["ES"] for r in rows]
+    for layer, w in weights(again, again.memit.layers).items():
+        torch.testing.assert_close(w, after[layer], rtol=0, atol=1e-6)
+
+
+def test_alphaedit_is_a_method_of_the_same_editor(editor):
+    alpha = MemitConfig(**{**vars(editor.memit), "method": "alphaedit", "nullspace_threshold": 1e9, "alphaedit_l2": 1.0})
+    with editor.edited(requests()) as memit_delta:
+        pass
+    with editor.edited(requests(), alpha) as alpha_delta:
+        pass
+    assert alpha_delta.layers == memit_delta.layers
+    assert not torch.allclose(alpha_delta.dense(2), memit_delta.dense(2))
+    with pytest.raises(ValueError, match="memit.method must be memit or alphaedit"):
+        MemitConfig(method="rome-ish")
+
+
+def test_the_edit_command_runs_in_rounds(make_model, tok, tmp_path, monkeypatch):
+    import json
+
+    from memit_pl import cli
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    d = tmp_path / "tiny"
+    make_model("llama").save_pretrained(d)
+    tok.save_pretrained(d)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS * 8))
+    edits = tmp_path / "e.jsonl"
+    edits.write_text("".join(json.dumps({"subject": s, "prompt": p, "target_new": o, "target_true": "x",
+                                         "neighborhood": ["Lionel Messi plays for"]}) + "\n" for p, s, o in FACTS))
+    rc = cli.main(["edit", "--edits", str(edits), "--model.name", str(d), "--model.device", "cpu", "--out",
+                   str(tmp_path / "out"), "--round_size", "2", "--memit.layers", "[1, 2]", "--memit.v_num_grad_steps", "2",
+                   "--memit.method", "alphaedit", "--stats.corpus", str(corpus), "--stats.n_samples", "16",
+                   "--stats.seq_len", "16", "--model.cache_dir", str(tmp_path / "cache"), "--save_model", "false",
+                   "--trainer.enable_progress_bar", "false", "--eval.max_generation_prompts", "0"])
+    assert rc == 0
+    res = json.loads((tmp_path / "out" / "rounds.json").read_text())
+    assert [r["edits_so_far"] for r in res["rows"]] == [0, 2, 3] and {r["method"] for r in res["rows"]} == {"alphaedit"}
+    assert (tmp_path / "out" / "rounds.png").exists() and "| round |" in (tmp_path / "out" / "rounds.md").read_text()

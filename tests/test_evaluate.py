@@ -462,3 +462,20 @@ def test_easyedit_locality_end_to_end_against_argmax_by_hand(make_model, tok):
             per.append(sum(x == y for x, y in zip(before, after)) / len(before))
         shares.append(sum(per) / len(per))
     assert easyedit_metrics(rb["cases"], ra["cases"])["locality"] == pytest.approx(100 * sum(shares) / len(shares))
+
+
+def test_a_zsre_evaluation_heads_with_the_zsre_table(make_model, tok):
+    from memit_pl.metrics.functional import harmonic_mean
+    from memit_pl.stages.eval_report import headline_table, is_zsre
+
+    model = make_model("llama")
+    z = evaluate_requests(model, tok, [zsre_request(), replace(zsre_request(), case_id="z1")], EvalConfig(max_generation_prompts=0))
+    cf = evaluate_requests(model, tok, cf_requests(), EvalConfig(max_generation_prompts=0))
+    assert is_zsre(z) and not is_zsre(cf)
+    head = headline_table({"unedited": z})
+    assert head.splitlines()[0] == "| Editor | Score | Efficacy | Paraphrase | Specificity |"
+    m = z["metrics"]
+    vals = [m["acc_rewrite"], m["acc_paraphrase"], m["acc_neighborhood"]]
+    if min(vals) > 0:
+        assert f"{float(harmonic_mean(vals)):.1f}" in head
+    assert "| Editor | Score S | ES |" in headline_table({"unedited": cf})

@@ -58,6 +58,17 @@ def test_auto_on_the_cpu_follows_the_measured_bf16_speed(monkeypatch, caplog, sp
     assert f"auto -> {expected}" in caplog.text and f"{speedup:.1f}x" in caplog.text
 
 
+def test_auto_with_a_model_times_the_model_itself(make_model, monkeypatch, caplog):
+    model = make_model("llama")
+    s = runtime.model_bf16_speedup(model, batch=2, seq=8, repeats=1)
+    assert s > 0 and not any(p.grad is not None for p in model.parameters())
+    monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda: 100.0)  # a matmul probe would say bf16
+    monkeypatch.setattr(runtime, "model_bf16_speedup", lambda m: 0.9)
+    with caplog.at_level(logging.INFO, logger="memit_pl.stages.runtime"):
+        assert runtime.resolve_compute_dtype("auto", "cpu", model) == "float32"
+    assert "the model's forward and backward passes run 0.90x" in caplog.text
+
+
 def test_the_bf16_speed_probe_measures_something():
     runtime.cpu_bf16_speedup.cache_clear()
     s = runtime.cpu_bf16_speedup(n=64, repeats=3)

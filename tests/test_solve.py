@@ -112,3 +112,45 @@ def test_through_post_norm_ignores_channels_the_norm_cannot_drive():
     assert torch.all(err(step) < err(torch.zeros_like(m)))
     assert torch.all(err(inverse) > err(torch.zeros_like(m)))
     assert torch.all(step.norm(dim=-1) < inverse.norm(dim=-1))
+
+
+def _cov_with_spectrum(d, big, seed=0):
+    """A covariance whose first ``big`` eigen-directions carry variance 1..2 and the rest 1e-4."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    ev = torch.cat([1 + torch.rand(big, generator=g, dtype=torch.float64), torch.full((d - big,), 1e-4, dtype=torch.float64)])
+    return (q * ev) @ q.T, q
+
+
+def test_alphaedit_with_a_full_projection_is_the_ridge_solve():
+    from memit_pl.functional.solve import alphaedit_update, null_space_projector, solve_update
+
+    g = torch.Generator().manual_seed(1)
+    k, r = torch.randn(5, 12, generator=g), torch.randn(5, 7, generator=g)
+    cov, _ = _cov_with_spectrum(12, 4)
+    p = null_space_projector(cov, threshold=1e9)  # every direction: P = I
+    torch.testing.assert_close(p, torch.eye(12, dtype=torch.float64), atol=1e-10, rtol=0)
+    prev = torch.randn(3, 12, generator=g)
+    a, b = alphaedit_update(k, r, p, l2=2.5, prev_keys=prev)
+    a2, b2 = solve_update(k, r, torch.eye(12), lam=2.5, prev_keys=prev)
+    torch.testing.assert_close(a @ b.T, a2 @ b2.T, atol=1e-5, rtol=1e-5)
+
+
+def test_alphaedit_leaves_the_preserved_directions_alone_and_fits_the_edits_in_the_null_space():
+    from memit_pl.functional.solve import AlphaEditSolver
+
+    d, big = 16, 10
+    cov, q = _cov_with_spectrum(d, big)
+    solver = AlphaEditSolver(threshold=1e-2, l2=1e-6)
+    g = torch.Generator().manual_seed(2)
+    null = q[:, big:]  # the null space of the preserved keys (eigenvalues 1e-4)
+    keys = (torch.randn(3, d - big, generator=g, dtype=torch.float64) @ null.T).float()
+    resid = torch.randn(3, 5, generator=g)
+    cov32 = cov.float()
+    a, b = solver(keys, resid, cov32, lam=123.0)
+    delta = (a @ b.T).double()
+    preserved = q[:, :big]  # keys of the corpus live here: the update must not move their outputs
+    assert float((delta @ preserved).abs().max()) < 1e-6
+    torch.testing.assert_close((delta @ keys.double().T).T.float(), resid, atol=1e-3, rtol=1e-3)
+    assert solver.projector(cov32) is solver.projector(cov32)  # computed once per covariance
+    assert solver.name == "alphaedit_t0.01_l21e-06"

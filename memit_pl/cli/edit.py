@@ -38,13 +38,15 @@ def table(requests: Sequence[EditRequest], before: list[list[str]], after: list[
 def run(cfg, secs, command: str) -> int:
     from memit_pl.stages.pipeline import run_edit
 
-    requests = load_edits(cfg.edits, limit=cfg.limit)  # bad input fails here, before the model loads
+    requests = load_edits(cfg.edits, limit=cfg.limit, drop_conflicting=cfg.drop_conflicts)  # bad input fails here
     model, tok = load(secs["model"], memit_cfg=secs["memit"])
     editor = make_editor(secs, model, tok, work_dir=cfg.out)
     editor.check(requests)  # records and layers against this model, before any expensive work
     out = Path(cfg.out)
     extra = {"edits": str(cfg.edits), "limit": cfg.limit, "previous": cfg.previous}
     path = save_config(out, command, secs, extra)
+    if cfg.round_size:
+        return run_rounds(cfg, secs, editor, requests, out)
     before = predictions(model, tok, requests)
     summary = run_edit(editor, requests, out, previous=cfg.previous, save_model=cfg.save_model,
                        config_dump={"path": str(path), **extra})
@@ -60,12 +62,45 @@ def run(cfg, secs, command: str) -> int:
     return 0
 
 
+def run_rounds(cfg, secs, editor, requests: Sequence[EditRequest], out: Path) -> int:
+    """Lifelong editing: rounds of ``--round_size`` on the same model, all edits so far evaluated every
+    ``--evaluate_every`` rounds; ``rounds.json`` (updated after each evaluation), ``rounds.md``, ``rounds.png``."""
+    from memit_pl import io
+    from memit_pl.experiments.sweep import COLUMNS, EASYEDIT_COLUMNS, markdown, plot_rows
+
+    method = secs["memit"].method
+    rows: list[dict] = []
+    meta = {"model": secs["model"].name, "edits_file": str(cfg.edits), "method": method, "round_size": cfg.round_size,
+            "layers": secs["memit"].layers, "compute_dtype": editor.compute_dtype}
+
+    def save(r: dict) -> None:
+        rows.append({"method": method, **r})
+        io.write_json(out / "rounds.json", {**meta, "rows": rows})
+
+    first = editor.edit_in_rounds(requests, cfg.round_size, evaluate_every=cfg.evaluate_every, on_row=save)
+    rows.insert(0, {"method": method, **first[0]})
+    io.write_json(out / "rounds.json", {**meta, "rows": rows})
+    keys = ("round", "edits_so_far", *COLUMNS, *EASYEDIT_COLUMNS, "seconds")
+    io.write_text(out / "rounds.md", markdown(rows, keys) + "\n")
+    plot_rows(rows, "edits_so_far", out / "rounds.png", f"{secs['model'].name}: {method} in rounds of {cfg.round_size}",
+              log_x=False)
+    if cfg.save_model:
+        editor.save_pretrained(out / "model")
+    sys.stdout.write((out / "rounds.md").read_text())
+    return 0
+
+
 def add_arguments(parser, out_default: str | None = None) -> None:
     parser.add_argument("--edits", required=out_default is None, default=None, help="edits file (CounterFact JSON, zsRE JSON or JSONL)")
     parser.add_argument("--out", required=out_default is None, default=out_default, help="run directory")
     parser.add_argument("--limit", type=int | None, default=None, help="use only the first N edits")
     parser.add_argument("--previous", type=list[str], default=[], help="earlier run directories whose edits to keep")
     parser.add_argument("--save_model", type=bool, default=True, help="write the edited model with save_pretrained")
+    parser.add_argument("--round_size", type=int | None, default=None,
+                        help="edit in rounds of this many on the same model (lifelong editing), evaluating all edits so far")
+    parser.add_argument("--evaluate_every", type=int, default=1, help="with --round_size: evaluate every K rounds (and after the last)")
+    parser.add_argument("--drop_conflicts", type=bool, default=False,
+                        help="drop requests that conflict with an earlier one (same subject and prompt) instead of failing")
 
 
 def main(argv: list[str]) -> int:

@@ -50,7 +50,7 @@ def main(argv: list[str]) -> int:
     from memit_pl.data.edits import load_edits, validate
     from memit_pl.delta import apply_delta, load_delta
     from memit_pl.metrics import ReferenceData
-    from memit_pl.stages.eval_report import metrics_table, write_reports
+    from memit_pl.stages.eval_report import headline_table, write_reports
 
     requests = load_edits(cfg.edits, limit=cfg.limit)  # bad input fails here, before the model loads
     reference = ReferenceData.load(cfg.reference_dir) if cfg.reference_dir else None
@@ -81,5 +81,5 @@ def main(argv: list[str]) -> int:
     args = {"edits": str(cfg.edits), "delta": meta["delta"], "out": str(out), "limit": cfg.limit,
             "reference_dir": cfg.reference_dir}
     save_config(out, "evaluate", secs, {"args": args})
-    sys.stdout.write(metrics_table(runs) + "\n\n" + "wrote " + ", ".join(str(p) for p in paths) + "\n")
+    sys.stdout.write(headline_table(runs) + "\n\n" + "wrote " + ", ".join(str(p) for p in paths) + "\n")
     return 0

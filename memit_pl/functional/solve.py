@@ -105,3 +105,56 @@ def _spd_solve(a: Tensor, rhs: Tensor) -> Tensor:
         "too few covariance samples); using the minimum-norm least-squares solution instead"
     )
     return torch.linalg.pinv(a, hermitian=True) @ rhs
+
+
+def null_space_projector(cov: Tensor, threshold: float) -> Tensor:
+    """AlphaEdit's P = U₀ U₀ᵀ: the projection onto the span of the eigenvectors of C = E[k kᵀ] whose
+    eigenvalues are below ``threshold``, the directions the preserved keys barely use. [d_key, d_key] float64."""
+    evals, evecs = torch.linalg.eigh(cov.to(torch.float64))
+    null = evecs[:, evals < threshold]
+    return null @ null.T
+
+
+def alphaedit_update(keys: Tensor, resid: Tensor, projector: Tensor, l2: float,
+                     prev_keys: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Low-rank factors of AlphaEdit's update (Fang et al. 2025, Eqn. 12 with the reference code's ridge):
+    Δ = R Kᵀ P ((K Kᵀ + K_p K_pᵀ) P + α I)⁻¹, right-multiplied by the null-space projection P, so that
+    Δ k = 0 for every key with P k = 0; K_p are the keys of earlier rounds. Solved in float64.
+
+    Args:
+        keys: K as [n_edits, d_key]; resid: R as [n_edits, d_model]; projector: P, [d_key, d_key];
+        l2: α, the ridge weight; prev_keys: [n_prev, d_key].
+    Returns:
+        (A [d_model, n_edits], B [d_key, n_edits]) in float32 with Δ = A Bᵀ: A = Rᵀ,
+        B = (P (KᵀK + K_pᵀK_p) + α I)⁻¹ P Kᵀ (keys as rows).
+    """
+    k = keys.to(torch.float64)
+    p = projector.to(device=k.device, dtype=torch.float64)
+    gram = k.T @ k
+    if prev_keys is not None and len(prev_keys):
+        kp = prev_keys.to(device=k.device, dtype=torch.float64)
+        gram = gram + kp.T @ kp
+    eye = torch.eye(gram.shape[0], dtype=torch.float64, device=k.device)
+    b = torch.linalg.solve(p @ gram + l2 * eye, p @ k.T)  # [d_key, n_edits]
+    return resid.to(torch.float64).T.float(), b.float()
+
+
+class AlphaEditSolver:
+    """The update rule of AlphaEdit as a solver for :func:`memit_pl.stages.apply.apply_memit` (the covariance
+    weight λ is not used: the projection preserves, the ridge α regularises); P is computed once per
+    covariance matrix."""
+
+    def __init__(self, threshold: float = 2e-2, l2: float = 10.0):
+        self.threshold, self.l2 = threshold, l2
+        self.name = f"alphaedit_t{threshold:g}_l2{l2:g}"
+        self._projectors: dict[tuple, Tensor] = {}
+
+    def projector(self, cov: Tensor) -> Tensor:
+        key = (cov.data_ptr(), tuple(cov.shape), str(cov.device))
+        if key not in self._projectors:
+            self._projectors[key] = null_space_projector(cov, self.threshold)
+        return self._projectors[key]
+
+    def __call__(self, keys: Tensor, resid: Tensor, cov: Tensor, lam: float,
+                 prev_keys: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return alphaedit_update(keys, resid, self.projector(cov), self.l2, prev_keys)

@@ -109,9 +109,20 @@ def nsu_of_records(cases: Sequence[dict[str, Any]], edited_subjects: Iterable[st
     return sum(rates) / len(rates) * SCALE if rates else None
 
 
+def generation_sample(case_ids: Sequence[str], k: int | None, seed: int) -> set[str]:
+    """The ``k`` case ids whose hash with ``seed`` ranks lowest (all when ``k`` is None or >= their number): a
+    sample that does not depend on the order of the cases, and is the same in every run over them."""
+    import hashlib
+
+    if k is None or k >= len(case_ids):
+        return set(case_ids)
+    rank = sorted(case_ids, key=lambda c: hashlib.sha256(f"{seed}\x1f{c}".encode()).hexdigest())
+    return set(rank[:k])
+
+
 def build_case(
     tokenizer, request: EditRequest, index: int, eval_cfg: EvalConfig, reference: ReferenceData | None = None,
-    edited: re.Pattern | None = None,
+    edited: re.Pattern | None = None, generate: bool = True,
 ) -> CaseItem:
     """Tokenise a request's prompts and targets (targets with a leading space, ``edits.target_ids``);
     ``edited`` (:func:`subject_pattern`) marks the neighbourhood prompts about edited subjects."""
@@ -160,7 +171,12 @@ def build_case(
     elif len(about_edited) == len(prompts[2]):
         skipped["NSu"] = "every neighbourhood prompt is about an edited subject"
     gen = list(r.generation_prompts[: eval_cfg.max_generation_prompts])
-    if not gen:
+    if not gen and eval_cfg.generation_from_rewrite and eval_cfg.max_generation_prompts:
+        gen = [r.text]  # no generation prompts of its own: generate from the filled rewrite prompt
+    if not generate:
+        gen = []
+        skipped["GE"] = "not in the generation sample (eval.generation_cases)"
+    elif not gen:
         skipped["GE"] = "no generation prompts" if eval_cfg.max_generation_prompts else "generation disabled"
     ref_texts: list[str] = []
     if reference is None:

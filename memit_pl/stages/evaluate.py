@@ -62,6 +62,7 @@ from memit_pl.stages.eval_batch import (  # noqa: F401  (re-exported: the batch 
     Target,
     build_case,
     collate,
+    generation_sample,
     is_acc_target,
     nsu_of_records,
     pad,
@@ -305,7 +306,8 @@ def evaluate_requests(
         raise ValueError("evaluation runs on one device; set trainer.devices=1 and trainer.num_nodes=1")
     start = time.perf_counter()
     edited = subject_pattern(edited_subjects if edited_subjects is not None else (r.subject for r in requests))
-    items = [build_case(tokenizer, r, i, eval_cfg, reference, edited) for i, r in enumerate(requests)]
+    sample = generation_sample([r.case_id for r in requests], eval_cfg.generation_cases, eval_cfg.generation_seed)
+    items = [build_case(tokenizer, r, i, eval_cfg, reference, edited, r.case_id in sample) for i, r in enumerate(requests)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     sampler = PackedCases([len(c.rows) for c in items], 1 if per_record else eval_cfg.batch_size)
     loader = DataLoader(
