@@ -210,7 +210,7 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     editor, delta = namespace["editor"], namespace["delta"]
     assert isinstance(delta, EditDelta) and (tmp_path / "jordan.safetensors").exists()
     out = capsys.readouterr().out
-    assert "baseball" in out.splitlines()[0]  # the edited model's top prediction
+    assert "['baseball']" in out  # the edited model's top prediction
     assert "'ES': 100.0" in out  # evaluated inside `edited`
     # reverted, then edited and restored: the model answers as before the edit again
     assert editor.predict("Michael Jordan plays the sport of") != ["baseball"]
@@ -219,7 +219,8 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch, capsys):
 def test_edit_in_rounds_evaluates_all_edits_so_far_and_resumes(editor, make_model, tok, tmp_path, monkeypatch):
     import memit_pl.stages.zmodule as zm
 
-    reqs = requests()
+    reqs = [EditRequest.of(p, s, o, target_true="basketball", neighborhood=["Lionel Messi plays the sport of"])
+            for p, s, o in FACTS]
     before = weights(editor, editor.memit.layers)
     rows = editor.edit_in_rounds(reqs, round_size=1, evaluate_every=2)
     assert [r["edits_so_far"] for r in rows] == [0, 2, 3] and [r["round"] for r in rows] == [0, 2, 3]

@@ -153,8 +153,25 @@ def test_generation_entropy_against_a_hand_count(make_model, tok):
         hand.append((2 / 3 * hs[0] + 4 / 3 * hs[1]) / 2)
     assert case["GE"] == pytest.approx(sum(hand) / len(hand))
     with_ge = [c["GE"] for c in res["cases"] if c["GE"] is not None]
-    assert len(with_ge) == 3 and res["cases"][2]["skipped"]["GE"] == "no generation prompts"
-    assert res["metrics"]["GE"] == pytest.approx(100 * sum(with_ge) / 3)
+    # case 2 has no generation prompts: it generates from its filled rewrite prompt
+    assert len(with_ge) == 4 and res["cases"][2]["generations"][0].startswith(reqs[2].text)
+    assert res["metrics"]["GE"] == pytest.approx(100 * sum(with_ge) / 4)
+    off = evaluate_requests(model, tok, reqs, replace(CFG, generation_top_k=1, generation_from_rewrite=False))
+    assert off["cases"][2]["skipped"]["GE"] == "no generation prompts"
+    assert off["metrics"]["GE"] == pytest.approx(100 * sum(with_ge[:2] + with_ge[3:]) / 3)
+
+
+def test_generation_entropy_on_a_fixed_hashed_sample_of_cases(make_model, tok):
+    from memit_pl.stages.eval_batch import generation_sample
+
+    ids = [str(i) for i in range(20)]
+    s = generation_sample(ids, 5, seed=0)
+    assert len(s) == 5 and s == generation_sample(list(reversed(ids)), 5, seed=0) and s != generation_sample(ids, 5, 1)
+    assert generation_sample(ids, None, 0) == set(ids) == generation_sample(ids, 50, 0)
+    res = evaluate_requests(make_model("llama"), tok, cf_requests(), replace(CFG, generation_cases=2))
+    sampled = generation_sample([r.case_id for r in cf_requests()], 2, CFG.generation_seed)
+    assert {c["case_id"] for c in res["cases"] if c["GE"] is not None} == sampled
+    assert res["skipped"]["GE"] == {"not in the generation sample (eval.generation_cases)": 2}
 
 
 def test_generation_entropy_hand_count_on_fixed_text(make_model, tok, monkeypatch):

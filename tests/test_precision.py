@@ -55,7 +55,7 @@ def test_auto_on_the_cpu_follows_the_measured_bf16_speed(monkeypatch, caplog, sp
     monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda: speedup)
     with caplog.at_level(logging.INFO, logger="memit_pl.stages.runtime"):
         assert runtime.resolve_compute_dtype("auto", "cpu") == expected
-    assert f"auto -> {expected}" in caplog.text and f"{speedup:.1f}x" in caplog.text
+    assert f"auto -> {expected}" in caplog.text and f"{speedup:.2f}x" in caplog.text
 
 
 def test_auto_with_a_model_times_the_model_itself(make_model, monkeypatch, caplog):
