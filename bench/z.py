@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from bench import record  # noqa: E402
 from memit_pl.config import MemitConfig  # noqa: E402
 from memit_pl.data.edits import load_edits  # noqa: E402
-from memit_pl.modeling.loading import load_model  # noqa: E402
+from memit_pl.modeling.loading import input_device, load_model  # noqa: E402
 from memit_pl.modeling.spec import get_spec  # noqa: E402
 from memit_pl.stages import runtime  # noqa: E402
 from memit_pl.stages.context import context_prefixes  # noqa: E402
@@ -74,17 +74,19 @@ def main() -> None:
                     help="edits (the first ones in optimisation order) also run without the prefix cache")
     ap.add_argument("--config", default=str(ROOT / "configs/smollm2-135m.yaml"))
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (bench/gpu_check.sh)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/z.json"))
     args = ap.parse_args()
     record.preflight("bench.z", args)
 
     torch.manual_seed(0)
-    model, tok = load_model(args.model, device="cpu")
+    model, tok = load_model(args.model, device=args.device)
     spec = get_spec(model)
+    dev = input_device(model)
     cfg = memit_from_yaml(Path(args.config))
     cfg.z_prefix_cache = True
     requests = load_edits(args.edits, tokenizer=tok, limit=args.n, drop_conflicting=True)
-    compute = runtime.resolve_compute_dtype(args.compute, "cpu")
+    compute = runtime.resolve_compute_dtype(args.compute, args.device)  # auto: bf16 on CUDA, the matmul probe on a CPU
     prefixes = context_prefixes(model, tok, cfg.context_templates, cfg.context_seeds, cfg.seed)
     n_compare = len(requests) if args.compare is None else min(args.compare, len(requests))
     compared_ids = {r.case_id for r in requests[:n_compare]}
@@ -97,14 +99,14 @@ def main() -> None:
     for i in range(0, len(ordered), args.batch):
         chunk = ordered[i : i + args.batch]
         t = time.perf_counter()
-        batch = build_z_batch(tok, chunk, prefixes, cfg.essence_prompt)
+        batch = build_z_batch(tok, chunk, prefixes, cfg.essence_prompt).to(dev)
         res = optimize_z(model, spec, batch, cfg)
         ours_s.append(time.perf_counter() - t)
         for j, r in enumerate(chunk):
             ours[r.case_id] = (res.z[j], float(res.loss[j]), int(res.steps[j]))
         t = time.perf_counter()
-        with runtime.autocast("cpu", compute):
-            res_c = optimize_z(model, spec, build_z_batch(tok, chunk, prefixes, cfg.essence_prompt), cfg)
+        with runtime.autocast(args.device, compute):
+            res_c = optimize_z(model, spec, build_z_batch(tok, chunk, prefixes, cfg.essence_prompt).to(dev), cfg)
         comp_s.append(time.perf_counter() - t)
         for j, r in enumerate(chunk):
             comp[r.case_id] = (res_c.z[j], float(res_c.loss[j]), int(res_c.steps[j]))
@@ -126,11 +128,11 @@ def main() -> None:
     if plain_reqs:
         cfg.z_prefix_cache = False
         t = time.perf_counter()
-        plain = optimize_z(model, spec, build_z_batch(tok, plain_reqs, prefixes, cfg.essence_prompt), cfg)
+        plain = optimize_z(model, spec, build_z_batch(tok, plain_reqs, prefixes, cfg.essence_prompt).to(dev), cfg)
         plain_total = time.perf_counter() - t
         cfg.z_prefix_cache = True
         t = time.perf_counter()
-        cached = optimize_z(model, spec, build_z_batch(tok, plain_reqs, prefixes, cfg.essence_prompt), cfg)
+        cached = optimize_z(model, spec, build_z_batch(tok, plain_reqs, prefixes, cfg.essence_prompt).to(dev), cfg)
         cached_total = time.perf_counter() - t
         plain_rows = {
             "n_plain": len(plain_reqs),
@@ -141,7 +143,7 @@ def main() -> None:
             "max_rel_z_diff_prefix_cache_vs_not": round(float(((cached.z - plain.z).norm(dim=-1) / plain.z.norm(dim=-1)).max()), 7),
         }
 
-    prof = profile_batch(model, spec, build_z_batch(tok, ordered[: args.batch], prefixes, cfg.essence_prompt), cfg)
+    prof = profile_batch(model, spec, build_z_batch(tok, ordered[: args.batch], prefixes, cfg.essence_prompt).to(dev), cfg)
     ids = sorted(base, key=lambda c: [r.case_id for r in requests].index(c))
     rel = [float((ours[c][0] - base[c][0]).norm() / base[c][0].norm()) for c in ids]
     ours_per_edit = sum(ours_s) / len(ordered)
@@ -152,7 +154,7 @@ def main() -> None:
         "fp32_s_per_edit": round(ours_per_edit, 4),
         "compute_s_per_edit": round(comp_per_edit, 4),
         "serial_s_per_edit": round(base_per_edit, 4),
-        "cpu_bf16_matmul_speedup": round(runtime.cpu_bf16_speedup(), 2),
+        "cpu_bf16_matmul_speedup": round(runtime.cpu_bf16_speedup(), 2) if args.device == "cpu" else None,
         "ratio_compute_vs_fp32": round(ours_per_edit / comp_per_edit, 2),
         "ratio_compute_vs_serial": round(base_per_edit / comp_per_edit, 2),
         "mean_loss_fp32": round(statistics.fmean(v[1] for v in ours.values()), 4),
