@@ -14,6 +14,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--edits", required=True, help="edits file (CounterFact JSON)")
     parser.add_argument("--out", required=True, help="output directory (sweep.json, sweep.md, sweep.png)")
     parser.add_argument("--limit", type=int | None, default=None, help="use only the first N edits")
+    parser.add_argument("--drop_conflicts", type=bool, default=False,
+                        help="drop requests that conflict with an earlier one (same subject and prompt), as the paper")
     parser.add_argument("--z_dir", default=None, help="z store to reuse and extend (e.g. an edit run's z/), for its target layer")
     parser.add_argument("--grid", type=list[int] | None, default=None, help="numbers of edits (default 1, 10, 100, ..., all)")
     parser.add_argument("--lambdas", type=list[float] | None, default=None,
@@ -21,7 +23,7 @@ def main(argv: list[str]) -> int:
     cfg, secs = parse(parser, argv)
     from memit_pl.experiments.sweep import log_grid, scaling_sweep, write_sweep
 
-    requests = load_edits(cfg.edits, limit=cfg.limit)
+    requests = load_edits(cfg.edits, limit=cfg.limit, drop_conflicting=cfg.drop_conflicts)
     model, tok = load(secs["model"], memit_cfg=secs["memit"])
     validate(requests, tok)
     out = Path(cfg.out)
@@ -32,7 +34,9 @@ def main(argv: list[str]) -> int:
     grid = cfg.grid or log_grid(len(requests))
     rows = scaling_sweep(editor, requests, secs["memit"], grid, lambdas=cfg.lambdas)
     meta = {"model": secs["model"].name, "edits_file": str(cfg.edits), "layers": secs["memit"].layers,
-            "lambda": cfg.lambdas or secs["memit"].mom2_update_weight, "command": "memit-pl sweep " + " ".join(argv)}
+            "lambda": cfg.lambdas or secs["memit"].mom2_update_weight, "method": secs["memit"].method,
+            "compute_dtype": editor.compute_dtype, "n_requests": len(requests),
+            "command": "memit-pl sweep " + " ".join(argv)}
     write_sweep(out, rows, meta)
     sys.stdout.write((out / "sweep.md").read_text())
     return 0

@@ -15,6 +15,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--edits", required=True, help="edits file (CounterFact JSON)")
     parser.add_argument("--out", required=True, help="output directory (tune.json, tune.md, tune.png, tuned.yaml)")
     parser.add_argument("--limit", type=int | None, default=None, help="use only the first N edits")
+    parser.add_argument("--drop_conflicts", type=bool, default=False,
+                        help="drop requests that conflict with an earlier one (same subject and prompt), as the paper")
     parser.add_argument("--z_dir", default=None, help="z store to reuse and extend (e.g. an edit run's z/), for its target layer")
     parser.add_argument("--lambdas", type=list[float], default=[1e3, 3e3, 1e4, 3e4, 1e5], help="λ grid")
     parser.add_argument("--windows", type=list[list[int]] | None, default=None,
@@ -30,7 +32,7 @@ def main(argv: list[str]) -> int:
     from memit_pl.experiments.tune import default_windows, tune, write_tune
     from memit_pl.modeling.spec import get_spec
 
-    requests = load_edits(cfg.edits, limit=cfg.limit)
+    requests = load_edits(cfg.edits, limit=cfg.limit, drop_conflicting=cfg.drop_conflicts)
     model, tok = load(secs["model"], memit_cfg=secs["memit"])
     validate(requests, tok)
     out = Path(cfg.out)
