@@ -153,3 +153,21 @@ def test_bad_config_value_is_one_clean_line(capsys):
     assert "'int3'" in err
     assert cli.main(["predict", "--edits", str(REPO / "data/demo_edits.jsonl"), "--memit.layers", "[5, 3]"]) == 2
     assert "strictly ascending" in capsys.readouterr().err
+
+
+def test_a_directory_without_a_model_and_out_of_range_layers_are_one_line_errors(tmp_path, capsys, make_model, tok):
+    edits = tmp_path / "e.jsonl"
+    edits.write_text('{"subject": "Paris", "prompt": "{} is in", "target_new": "Italy"}\n')
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main(["z", "--edits", str(edits), "--model.name", str(empty), "--out", str(tmp_path / "z")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no model (no config.json)" in err
+    d = tmp_path / "tiny"
+    make_model("llama").save_pretrained(d)
+    tok.save_pretrained(d)
+    assert cli.main(["z", "--edits", str(edits), "--model.name", str(d), "--model.device", "cpu",
+                     "--memit.layers", "[2, 40]", "--out", str(tmp_path / "z")]) == 2
+    err = capsys.readouterr().err  # (after the loading bars of transformers)
+    assert "Traceback" not in err and "\nmemit-pl z: error: memit.layers [40] out of range: the model has layers 0..3\n" in err
+    assert not (tmp_path / "z" / "zs.safetensors").exists()
