@@ -33,7 +33,8 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-_CHATTER = ("GPU available", "TPU available", "HPU available", "💡 Tip", "You are using a CUDA device")
+_CHATTER = ("GPU available", "TPU available", "HPU available", "💡 Tip", "You are using a CUDA device",
+            "Using bfloat16 Automatic Mixed Precision", "Using 16bit Automatic Mixed Precision")
 
 
 def quiet_lightning() -> None:
