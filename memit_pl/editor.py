@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from memit_pl.config import Config, ConfigError, MemitConfig
+from memit_pl.config import Config, MemitConfig
 from memit_pl.data.edits import EditRequest, validate
 from memit_pl.delta import EditDelta
 
@@ -159,16 +159,12 @@ class MEMIT:
 
     def check(self, requests: Sequence[EditRequest], memit: MemitConfig | None = None) -> None:
         """Validate requests and layers against this model before any expensive work (one-line errors)."""
-        from memit_pl.modeling.spec import get_spec
+        from memit_pl.modeling.spec import check_layers
 
-        memit = memit or self.memit
         if not requests:
             raise ValueError("no edit requests")
         validate(requests, self.tokenizer)
-        n_layers = get_spec(self.model).n_layers(self.model)
-        bad = [x for x in memit.layers if not 0 <= x < n_layers]
-        if bad:
-            raise ConfigError(f"memit.layers {bad} out of range: the model has layers 0..{n_layers - 1}")
+        check_layers(self.model, (memit or self.memit).layers)
 
     def covariances(self, layers: Sequence[int] | None = None) -> dict[int, Tensor]:
         """E[k kᵀ] of each layer (float32, CPU), from the statistics cache or computed once."""
@@ -232,8 +228,8 @@ class MEMIT:
              prev_keys: dict[int, Tensor] | None = None) -> EditDelta:
         """Write every request into the model in one batch (in place) and return the delta.
 
-        ``prev_keys`` (layer -> keys of earlier rounds) join the preserved term, so a second round does not
-        overwrite the first (:meth:`keys` of an earlier delta gives them).
+        ``prev_keys`` (layer -> keys of earlier rounds, as :func:`memit_pl.stages.apply.saved_keys` reads them
+        from a run's layer files) join the preserved term, so a second round does not overwrite the first.
         """
         memit = memit or self.memit
         self.check(requests, memit)
@@ -277,7 +273,7 @@ class MEMIT:
             done = min((i + 1) * round_size, len(requests))
             if (i + 1) % evaluate_every == 0 or i == n_rounds - 1:
                 so_far = list(requests[:done])
-                r = row(done, self.evaluate(so_far), {"cases": unedited["cases"][:done]}, round=i + 1,
+                r = row(done, self.evaluate(so_far), unedited, round=i + 1,
                         edits_so_far=done, seconds=round(seconds, 1))
                 rows.append(r)
                 log.info("round %d (%d edits so far): %s", i + 1, done, r)

@@ -36,19 +36,18 @@ def load(model_cfg, padding_side: str = "right", memit_cfg=None):
         padding_side=padding_side,
     )
     if memit_cfg is not None:
+        from memit_pl.modeling.spec import check_layers
+
         check_layers(model, memit_cfg.layers)
     return model, tok
 
 
-def check_layers(model, layers, what: str = "memit.layers") -> None:
-    """A one-line error for layers the model does not have."""
-    from memit_pl.config import ConfigError
-    from memit_pl.modeling.spec import get_spec
-
-    n_layers = get_spec(model).n_layers(model)
-    bad = [x for x in layers if not 0 <= x < n_layers]
-    if bad:
-        raise ConfigError(f"{what} {bad} out of range: the model has layers 0..{n_layers - 1}")
+def add_selection_arguments(parser) -> None:
+    """``--limit`` and ``--drop_conflicts``: which records of the edits file a command uses."""
+    parser.add_argument("--limit", type=int | None, default=None, help="use only the first N edits")
+    parser.add_argument("--drop_conflicts", type=bool, default=False,
+                        help="drop requests that conflict with an earlier one (same subject and prompt) instead of "
+                             "failing, as the paper does before its scaling runs")
 
 
 def make_editor(secs: dict[str, Any], model, tok, work_dir: str | Path | None = None, z_dir: str | Path | None = None):

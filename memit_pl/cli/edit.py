@@ -6,7 +6,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from memit_pl.cli._common import load, make_editor, make_parser, parse, save_config
+from memit_pl.cli._common import add_selection_arguments, load, make_editor, make_parser, parse, save_config
 from memit_pl.data.edits import EditRequest, load_edits
 
 
@@ -40,8 +40,7 @@ def run(cfg, secs, command: str) -> int:
 
     requests = load_edits(cfg.edits, limit=cfg.limit, drop_conflicting=cfg.drop_conflicts)  # bad input fails here
     model, tok = load(secs["model"], memit_cfg=secs["memit"])
-    editor = make_editor(secs, model, tok, work_dir=cfg.out)
-    editor.check(requests)  # records and layers against this model, before any expensive work
+    editor = make_editor(secs, model, tok, work_dir=cfg.out)  # run_edit / edit_in_rounds check the requests
     out = Path(cfg.out)
     extra = {"edits": str(cfg.edits), "limit": cfg.limit, "previous": cfg.previous}
     path = save_config(out, command, secs, extra)
@@ -93,14 +92,12 @@ def run_rounds(cfg, secs, editor, requests: Sequence[EditRequest], out: Path) ->
 def add_arguments(parser, out_default: str | None = None) -> None:
     parser.add_argument("--edits", required=out_default is None, default=None, help="edits file (CounterFact JSON, zsRE JSON or JSONL)")
     parser.add_argument("--out", required=out_default is None, default=out_default, help="run directory")
-    parser.add_argument("--limit", type=int | None, default=None, help="use only the first N edits")
+    add_selection_arguments(parser)
     parser.add_argument("--previous", type=list[str], default=[], help="earlier run directories whose edits to keep")
     parser.add_argument("--save_model", type=bool, default=True, help="write the edited model with save_pretrained")
     parser.add_argument("--round_size", type=int | None, default=None,
                         help="edit in rounds of this many on the same model (lifelong editing), evaluating all edits so far")
     parser.add_argument("--evaluate_every", type=int, default=1, help="with --round_size: evaluate every K rounds (and after the last)")
-    parser.add_argument("--drop_conflicts", type=bool, default=False,
-                        help="drop requests that conflict with an earlier one (same subject and prompt) instead of failing")
 
 
 def main(argv: list[str]) -> int:

@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 from memit_pl import io
-from memit_pl.cli._common import check_layers, load, make_parser, parse, save_config
+from memit_pl.cli._common import load, make_parser, parse, save_config
 from memit_pl.data.edits import load_edits, validate
+from memit_pl.modeling.spec import check_layers
 
 
 def main(argv: list[str]) -> int:

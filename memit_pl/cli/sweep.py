@@ -5,17 +5,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from memit_pl.cli._common import load, make_editor, make_parser, parse, save_config
-from memit_pl.data.edits import load_edits, validate
+from memit_pl.cli._common import add_selection_arguments, load, make_editor, make_parser, parse, save_config
+from memit_pl.data.edits import load_edits
 
 
 def main(argv: list[str]) -> int:
     parser = make_parser(__doc__)
     parser.add_argument("--edits", required=True, help="edits file (CounterFact JSON)")
     parser.add_argument("--out", required=True, help="output directory (sweep.json, sweep.md, sweep.png)")
-    parser.add_argument("--limit", type=int | None, default=None, help="use only the first N edits")
-    parser.add_argument("--drop_conflicts", type=bool, default=False,
-                        help="drop requests that conflict with an earlier one (same subject and prompt), as the paper")
+    add_selection_arguments(parser)
     parser.add_argument("--z_dir", default=None, help="z store to reuse and extend (e.g. an edit run's z/), for its target layer")
     parser.add_argument("--grid", type=list[int] | None, default=None, help="numbers of edits (default 1, 10, 100, ..., all)")
     parser.add_argument("--lambdas", type=list[float] | None, default=None,
@@ -25,7 +23,6 @@ def main(argv: list[str]) -> int:
 
     requests = load_edits(cfg.edits, limit=cfg.limit, drop_conflicting=cfg.drop_conflicts)
     model, tok = load(secs["model"], memit_cfg=secs["memit"])
-    validate(requests, tok)
     out = Path(cfg.out)
     save_config(out, "sweep", secs, {"edits": str(cfg.edits), "limit": cfg.limit, "grid": cfg.grid,
                                      "lambdas": cfg.lambdas})

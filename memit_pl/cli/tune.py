@@ -6,7 +6,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from memit_pl.cli._common import load, make_editor, make_parser, parse, save_config
+from memit_pl.cli._common import add_selection_arguments, load, make_editor, make_parser, parse, save_config
 from memit_pl.data.edits import load_edits, validate
 
 
@@ -14,9 +14,7 @@ def main(argv: list[str]) -> int:
     parser = make_parser(__doc__)
     parser.add_argument("--edits", required=True, help="edits file (CounterFact JSON)")
     parser.add_argument("--out", required=True, help="output directory (tune.json, tune.md, tune.png, tuned.yaml)")
-    parser.add_argument("--limit", type=int | None, default=None, help="use only the first N edits")
-    parser.add_argument("--drop_conflicts", type=bool, default=False,
-                        help="drop requests that conflict with an earlier one (same subject and prompt), as the paper")
+    add_selection_arguments(parser)
     parser.add_argument("--z_dir", default=None, help="z store to reuse and extend (e.g. an edit run's z/), for its target layer")
     parser.add_argument("--lambdas", type=list[float], default=[1e3, 3e3, 1e4, 3e4, 1e5], help="λ grid")
     parser.add_argument("--windows", type=list[list[int]] | None, default=None,

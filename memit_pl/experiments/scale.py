@@ -30,6 +30,15 @@ def gpt_neox_20b_config():
                          use_parallel_residual=True, tie_word_embeddings=False)
 
 
+def empty_model(cfg, dtype):
+    """The model of ``cfg`` on the meta device (shapes and dtypes, no memory)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype)
+
+
 @dataclass
 class Plan:
     """Bytes each stage holds at its peak, for one model, window and number of edits."""
@@ -61,12 +70,8 @@ def plan(cfg, layers: Sequence[int], n_edits: int, weight_bytes: int, *, z_batch
          tokens_after_subject: int = 12, name: str = "") -> Plan:
     """The plan of one edit; ``rows_per_edit``: the context prefixes + the essence prompt (the paper: 6 + 1)."""
     import torch
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
 
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() for p in empty_model(cfg, torch.float32).parameters())
     d_model = cfg.hidden_size
     d_key = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * d_model
     n_layers = cfg.num_hidden_layers
@@ -86,11 +91,9 @@ def place(cfg, weight_dtype, n_gpus: int, gpu_gib: float, reserve_gib: float) ->
     """GiB of weights per device when accelerate places the model on ``n_gpus`` GPUs of ``gpu_gib`` each with
     ``reserve_gib`` of each left for the stages' own tensors (statistics, keys, the solve, z activations), as
     ``device_map="auto"`` with ``max_memory`` does; what does not fit goes to "cpu" (offloaded: slow)."""
-    from accelerate import infer_auto_device_map, init_empty_weights
-    from transformers import AutoModelForCausalLM
+    from accelerate import infer_auto_device_map
 
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(cfg, torch_dtype=weight_dtype)
+    model = empty_model(cfg, weight_dtype)
     budget: dict = {i: f"{max(gpu_gib - reserve_gib, 0.01):.2f}GiB" for i in range(n_gpus)}
     budget["cpu"] = "1024GiB"
     device_map = infer_auto_device_map(model, max_memory=budget, no_split_module_classes=model._no_split_modules,

@@ -159,3 +159,13 @@ def get_spec(model: nn.Module) -> ModelSpec:
 def register_spec(spec: ModelSpec) -> None:
     """Add (or replace) the spec of ``spec.family``."""
     SPECS[spec.family] = spec
+
+
+def check_layers(model: nn.Module, layers, what: str = "memit.layers") -> None:
+    """Fail with one line (a ``ConfigError``, naming ``what``) on layers the model does not have."""
+    from memit_pl.config import ConfigError
+
+    n_layers = get_spec(model).n_layers(model)
+    bad = [x for x in layers if not 0 <= x < n_layers]
+    if bad:
+        raise ConfigError(f"{what} {bad} out of range: the model has layers 0..{n_layers - 1}")

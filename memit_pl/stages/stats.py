@@ -30,7 +30,7 @@ from memit_pl.data.corpus import CorpusDataModule
 from memit_pl.functional.solve import output_rms
 from memit_pl.modeling import hooks
 from memit_pl.modeling.loading import spread_over_devices
-from memit_pl.modeling.spec import get_spec
+from memit_pl.modeling.spec import check_layers, get_spec
 from memit_pl.stages import runtime
 from memit_pl.stages.stats_cache import (  # noqa: F401  (re-exported)
     ACCUM_DTYPES,
@@ -292,14 +292,10 @@ def compute_covariances(
     checkpoint_every: int = CHECKPOINT_EVERY,
 ) -> dict[int, Tensor]:
     """:func:`layer_covariances` with extra Trainer callbacks and the checkpoint interval (in chunks per rank)."""
-    spec = get_spec(model)
-    n_layers = spec.n_layers(model)
     wanted = sorted(set(int(x) for x in layers))
     if not wanted:
         raise ValueError("memit.layers must name at least one layer")
-    bad = [x for x in wanted if not 0 <= x < n_layers]
-    if bad:
-        raise ValueError(f"memit.layers {bad} out of range: the model has layers 0..{n_layers - 1}")
+    check_layers(model, wanted)
     cache = stats_cache(model, tokenizer, stats, cache_dir)
     out = {layer: cache.load(layer) for layer in wanted}
     missing = [layer for layer, v in out.items() if v is None]
