@@ -46,6 +46,9 @@ class ModelConfig:
             raise ValueError(f"model.dtype must be one of {', '.join(DTYPE_NAMES)}, not {self.dtype!r}")
 
 
+METHODS = ("memit", "alphaedit", "rome", "ft")
+
+
 @dataclass
 class MemitConfig:
     """MEMIT's hyperparameters (names follow the reference code). The defaults are the shipped config of the
@@ -80,19 +83,34 @@ class MemitConfig:
     """Run the positions before each subject's last token once per batch (key/value cache) instead of
     every step; off: every step re-runs all positions above L (same result, for models whose cache
     misbehaves)."""
+    z_compile: bool = False
+    """Run the blocks the z steps re-run through ``torch.compile`` (fused kernels; eager where it cannot
+    compile). Same result; whether it is faster depends on the device (docs/z-optimisation.md)."""
     seed: int = 0
     """Seed of the sampled context prefixes."""
     method: str = "memit"
-    """The update rule: memit (Eqn. 14) or alphaedit (Eqn. 14's residuals projected onto the null space of
-    the preserved keys, Fang et al. 2025; λ unused)."""
+    """The update rule: memit (Eqn. 14); alphaedit (Eqn. 14's residuals projected onto the null space of
+    the preserved keys, Fang et al. 2025; λ unused); rome (one rank-one update per edit, in sequence, at
+    layer L only, from the same z; Meng et al. 2022); ft (FT-W: fine-tune the MLP output weight of layer
+    ``ft_layer`` on the rewrite prompts, no z and no statistics; the paper's Appendix B.1)."""
     nullspace_threshold: float = 2e-2
     """alphaedit: eigenvalues of E[k kᵀ] below this span the null space the update is projected onto."""
     alphaedit_l2: float = 10.0
     """alphaedit: the ridge weight α of its solve."""
+    ft_layer: int | None = None
+    """ft: the layer whose MLP output weight is fine-tuned (None: L = max(layers))."""
+    ft_lr: float = 5e-4
+    """ft: Adam learning rate."""
+    ft_steps: int = 25
+    """ft: at most this many full-batch Adam steps."""
+    ft_weight_decay: float = 0.0
+    """ft: weight of ‖W − W₀‖² (squared Frobenius norm of the change) in the loss."""
+    ft_loss_threshold: float = 1e-2
+    """ft: stop once the mean NLL of the new objects falls below this."""
 
     def __post_init__(self) -> None:
-        if self.method not in ("memit", "alphaedit"):
-            raise ValueError(f"memit.method must be memit or alphaedit, not {self.method!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"memit.method must be one of {', '.join(METHODS)}, not {self.method!r}")
         if not self.layers:
             raise ValueError("memit.layers must name at least one layer")
         if sorted(set(self.layers)) != list(self.layers):
@@ -108,6 +126,15 @@ class MemitConfig:
     @property
     def target_layer(self) -> int:
         return max(self.layers)
+
+    @property
+    def edited_layers(self) -> list[int]:
+        """The layers the method writes: all of R for memit and alphaedit, L for rome, ``ft_layer`` for ft."""
+        if self.method == "rome":
+            return [self.target_layer]
+        if self.method == "ft":
+            return [self.target_layer if self.ft_layer is None else self.ft_layer]
+        return list(self.layers)
 
     @classmethod
     def from_file(cls, path: str | Path) -> MemitConfig:

@@ -207,7 +207,10 @@ class MEMIT:
         from memit_pl.stages.apply import apply_memit
 
         memit = memit or self.memit
+        if memit.method == "ft":
+            raise ValueError("memit.method ft fine-tunes a weight and has no z store to apply; use edit()")
         out_dir = Path(out_dir) if out_dir is not None else self.work_dir / _tag(requests, memit, prev_keys)
+        memit = replace(memit, layers=memit.edited_layers)  # rome: layer L alone
         return apply_memit(self.model, self.tokenizer, requests, store, self.covariances(memit.layers), memit,
                            out_dir, trainer=self.config.trainer, prev_keys=prev_keys,
                            cov_ids={layer: self._cov_id for layer in memit.layers}, prev_ids=list(prev_ids),
@@ -215,9 +218,12 @@ class MEMIT:
 
     def _method_solver(self, memit: MemitConfig) -> Solver | None:
         """The solver of ``memit.method`` (None: Eqn. 14), one per setting so its projections are reused."""
-        if memit.method == "memit":
+        if memit.method in ("memit", "ft"):
             return None
-        from memit_pl.functional.solve import AlphaEditSolver
+        from memit_pl.functional.solve import AlphaEditSolver, RomeSolver
+
+        if memit.method == "rome":
+            return RomeSolver()
 
         key = (memit.nullspace_threshold, memit.alphaedit_l2)
         if key not in self._solvers:
@@ -233,7 +239,9 @@ class MEMIT:
         """
         memit = memit or self.memit
         self.check(requests, memit)
-        self.covariances(memit.layers)  # statistics first: cached, and needed by the update anyway
+        if memit.method == "ft":
+            return self._finetune(requests, memit)
+        self.covariances(memit.edited_layers)  # statistics first: cached, and needed by the update anyway
         store = self.zs(requests, memit)
         delta = self.apply(requests, store, memit, prev_keys=prev_keys)
         delta.metadata.update({"memit": asdict(memit), "z_mean_loss": float(store.tensors["loss"].mean()),
@@ -268,8 +276,9 @@ class MEMIT:
             keys = {layer: torch.cat(ks) for layer, ks in prev.items()} if prev and keep_previous_keys else None
             self.edit(chunk, memit, prev_keys=keys)
             seconds += time.perf_counter() - t
-            for layer, k in saved_keys(self.work_dir / _tag(chunk, memit, keys)).items():
-                prev.setdefault(layer, []).append(k)
+            if memit.method != "ft":  # fine-tuning keeps no keys
+                for layer, k in saved_keys(self.work_dir / _tag(chunk, memit, keys)).items():
+                    prev.setdefault(layer, []).append(k)
             done = min((i + 1) * round_size, len(requests))
             if (i + 1) % evaluate_every == 0 or i == n_rounds - 1:
                 so_far = list(requests[:done])
@@ -281,11 +290,26 @@ class MEMIT:
                     on_row(r)
         return rows
 
+    def _finetune(self, requests: Sequence[EditRequest], memit: MemitConfig) -> EditDelta:
+        """FT-W (:mod:`memit_pl.stages.finetune`), resumed from ``work_dir`` when the same run was done before."""
+        from memit_pl.delta import DELTA_FILE, load_delta
+        from memit_pl.modeling.loading import fingerprint
+        from memit_pl.stages.finetune import finetune
+
+        out = self.work_dir / f"{_tag(requests, memit)}-{fingerprint(self.model)}"
+        if (out / DELTA_FILE).exists():
+            return load_delta(out).apply(self.model)
+        with self.autocast():
+            delta = finetune(self.model, self.tokenizer, list(requests), memit)
+        delta.metadata.update({"memit": asdict(memit), "compute_dtype": self.compute_dtype})
+        delta.save(out)
+        return delta
+
     @contextmanager
     def edited(self, requests: Sequence[EditRequest], memit: MemitConfig | None = None) -> Iterator[EditDelta]:
         """Edit inside the block; on exit the edited weights are put back exactly as they were."""
         memit = memit or self.memit
-        with restored(self.model, memit.layers):
+        with restored(self.model, memit.edited_layers):
             yield self.edit(requests, memit)
 
     def evaluate(self, requests: Sequence[EditRequest], **kwargs: Any) -> dict[str, Any]:
@@ -300,8 +324,11 @@ class MEMIT:
                           eval_requests: Sequence[EditRequest] | None = None) -> dict[str, Any]:
         """Edit with ``requests`` from a z store, evaluate (on ``eval_requests``, default the edited ones),
         restore the weights."""
-        with restored(self.model, memit.layers):
-            self.apply(requests, store, memit, out_dir=self.work_dir / tag)
+        with restored(self.model, memit.edited_layers):
+            if memit.method == "ft":  # no z store: fine-tune (or re-apply the saved change)
+                self._finetune(requests, memit)
+            else:
+                self.apply(requests, store, memit, out_dir=self.work_dir / tag)
             return self.evaluate(eval_requests if eval_requests is not None else requests)
 
     def predict(self, prompts: str | Sequence[str], k: int = 1) -> list[str] | list[list[str]]:

@@ -38,3 +38,23 @@ def smollm2():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def editor(make_model, tok, tmp_path, monkeypatch):
+    """A MEMIT editor over a tiny Llama: layers 1-2, 3 z steps, statistics of the tiny corpus."""
+    from memit_pl import MEMIT, Config, MemitConfig
+    from memit_pl.config import EvalConfig, StatsConfig, TrainerConfig
+    from tests.support.tiny import CORPUS
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS * 8))
+    model = make_model("llama")
+    model.train().requires_grad_(True)  # as from_pretrained leaves a model: the editor must freeze it
+    cfg = Config(memit=MemitConfig(layers=[1, 2], v_num_grad_steps=3, v_lr=0.05, context_templates=[[3, 1]],
+                                   mom2_update_weight=1.0),
+                 stats=StatsConfig(corpus=str(corpus), n_samples=16, seq_len=16),
+                 trainer=TrainerConfig(accelerator="cpu", enable_progress_bar=False),
+                 eval=EvalConfig(batch_size=16, max_generation_prompts=0))
+    return MEMIT(model, tok, cfg, work_dir=tmp_path / "work", cache_dir=tmp_path / "cache")

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from memit_pl import MEMIT, Config, ConfigError, EditDelta, EditRequest, MemitConfig
-from memit_pl.config import EvalConfig, StatsConfig, TrainerConfig, demo_edits_path, packaged_configs
+from memit_pl.config import StatsConfig, demo_edits_path, packaged_configs
 from memit_pl.data.edits import EditFileError
 from memit_pl.functional.solve import solve_update
 from memit_pl.modeling import loading
@@ -21,21 +21,6 @@ from tests.support.tiny import CORPUS
 REPO = Path(__file__).resolve().parents[1]
 FACTS = [("{} plays the sport of", "Michael Jordan", "soccer"), ("The capital of {} is", "France", "Rome"),
          ("{} was a famous", "Mozart", "footballer")]
-
-
-@pytest.fixture
-def editor(make_model, tok, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(CORPUS * 8))
-    model = make_model("llama")
-    model.train().requires_grad_(True)  # as from_pretrained leaves a model: the editor must freeze it
-    cfg = Config(memit=MemitConfig(layers=[1, 2], v_num_grad_steps=3, v_lr=0.05, context_templates=[[3, 1]],
-                                   mom2_update_weight=1.0),
-                 stats=StatsConfig(corpus=str(corpus), n_samples=16, seq_len=16),
-                 trainer=TrainerConfig(accelerator="cpu", enable_progress_bar=False),
-                 eval=EvalConfig(batch_size=16, max_generation_prompts=0))
-    return MEMIT(model, tok, cfg, work_dir=tmp_path / "work", cache_dir=tmp_path / "cache")
 
 
 def requests():
@@ -247,7 +232,7 @@ def test_alphaedit_is_a_method_of_the_same_editor(editor):
         pass
     assert alpha_delta.layers == memit_delta.layers
     assert not torch.allclose(alpha_delta.dense(2), memit_delta.dense(2))
-    with pytest.raises(ValueError, match="memit.method must be memit or alphaedit"):
+    with pytest.raises(ValueError, match="memit.method must be one of memit, alphaedit, rome, ft"):
         MemitConfig(method="rome-ish")
 
 

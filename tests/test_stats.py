@@ -316,3 +316,12 @@ def test_the_stage_also_runs_as_a_test_loop(make_model, tok, text_file, tmp_path
         CovarianceModule(model, [2], cfg.dtype), datamodule=dm
     )
     torch.testing.assert_close(cache.load(2), _direct(model, tok, 2, cfg), rtol=1e-5, atol=1e-7)
+
+
+def test_statistics_in_another_compute_precision_are_a_cache_entry_of_their_own(make_model, tok, text_file, tmp_path):
+    model = make_model("llama")
+    cfg = _cfg(text_file)
+    fp32 = stats_cache(model, tok, cfg, tmp_path)
+    assert fp32.key.as_dict().get("precision") is None  # float32 entries keep their names
+    assert stats_cache(model, tok, cfg, tmp_path, None).dir == fp32.dir
+    assert stats_cache(model, tok, cfg, tmp_path, "bf16-mixed").dir != fp32.dir

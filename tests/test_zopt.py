@@ -333,3 +333,54 @@ def test_batches_are_ordered_by_live_length(tok):
     b = build_z_batch(tok, REQUESTS[:1], [""])
     row = b.rewrite_rows[0]
     assert live_length(tok, REQUESTS[0]) == int(b.attention_mask[row].sum() - b.lookup[row])
+
+
+def test_store_key_depends_on_the_compute_precision():
+    from memit_pl.stages.zstore import store_key
+
+    cfg = MemitConfig(layers=[1])
+    assert store_key("f", cfg, [""]) == store_key("f", cfg, [""], None)
+    assert store_key("f", cfg, [""], "bf16-mixed") != store_key("f", cfg, [""])
+
+
+def test_compiled_blocks_give_the_same_z(make_model, tok, monkeypatch):
+    """z_compile runs each re-run block through torch.compile; where that fails, eager (same z)."""
+    import memit_pl.modeling.tail as tail_mod
+
+    model = make_model("llama")
+    spec = get_spec(model)
+    batch = build_z_batch(tok, REQUESTS[:2], PREFIXES[:2])
+    cfg = MemitConfig(layers=[1], v_num_grad_steps=3, v_lr=0.05)
+    eager = optimize_z(model, spec, batch, cfg)
+    calls = []
+
+    def broken(block, **kw):  # a platform whose compiler fails at the first call
+        def fn(*a, **k):
+            calls.append(block)
+            raise RuntimeError("no C++ compiler")
+        return fn
+
+    monkeypatch.setattr(torch, "compile", broken)
+    tail_mod._COMPILED.clear()
+    cfg.z_compile = True
+    fallen_back = optimize_z(model, spec, batch, cfg)
+    assert len(calls) == spec.n_layers(model) - 2  # each block above L tried once, then eager for good
+    torch.testing.assert_close(fallen_back.z, eager.z, rtol=0, atol=0)
+    tail_mod._COMPILED.clear()
+
+
+@pytest.mark.slow
+def test_torch_compile_of_the_tail_matches_eager(make_model, tok):
+    import memit_pl.modeling.tail as tail_mod
+
+    model = make_model("llama")
+    spec = get_spec(model)
+    batch = build_z_batch(tok, REQUESTS[:2], PREFIXES[:2])
+    cfg = MemitConfig(layers=[1], v_num_grad_steps=3, v_lr=0.05)
+    eager = optimize_z(model, spec, batch, cfg)
+    tail_mod._COMPILED.clear()
+    cfg.z_compile = True
+    comp = optimize_z(model, spec, batch, cfg)
+    assert all(fn is not block for block, fn in tail_mod._COMPILED.items())  # it did compile
+    torch.testing.assert_close(comp.z, eager.z, rtol=1e-4, atol=1e-4)
+    tail_mod._COMPILED.clear()

@@ -6,7 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
-from memit_pl.cli._common import load, make_parser, parse, save_config
+from memit_pl.cli._common import load, make_editor, make_parser, parse, save_config
 from memit_pl.modeling.loading import default_cache_dir
 from memit_pl.stages.stats import check_stats_config, layer_covariances, stats_cache
 
@@ -18,16 +18,17 @@ def main(argv: list[str]) -> int:
     cfg, secs = parse(parser, argv)
     check_stats_config(secs["stats"])
     model, tok = load(secs["model"], memit_cfg=secs["memit"])
+    trainer = make_editor(secs, model, tok).config.trainer  # its precision: the resolved model.compute_dtype
     layers = secs["memit"].layers
     root = Path(secs["model"].cache_dir) if secs["model"].cache_dir else default_cache_dir()
     cache_dir = root / "stats"
-    covs = layer_covariances(model, tok, layers, secs["stats"], cache_dir=cache_dir, trainer=secs["trainer"])
+    covs = layer_covariances(model, tok, layers, secs["stats"], cache_dir=cache_dir, trainer=trainer)
 
     from lightning.pytorch.utilities import rank_zero_only
 
     if rank_zero_only.rank != 0:
         return 0
-    cache = stats_cache(model, tok, secs["stats"], cache_dir)
+    cache = stats_cache(model, tok, secs["stats"], cache_dir, trainer.precision)
     save_config(cache.dir, "stats", secs)
     lines = [
         f"statistics of {secs['model'].name} on {cache.key.corpus} "

@@ -47,7 +47,7 @@ def scaling_sweep(editor: MEMIT, requests: Sequence[EditRequest], memit: MemitCo
     With ``lambdas``, one row per λ and n (each with its ``lam``); z does not depend on λ."""
     from memit_pl.stages.evaluate import nsu_of_records
 
-    store = editor.zs(requests, memit)
+    store = None if memit.method == "ft" else editor.zs(requests, memit)
     unedited = editor.evaluate(requests)
     rows = [row(0, unedited)]
     log.info("sweep n=0: %s", rows[-1])

@@ -98,6 +98,9 @@ def tune(
 ) -> dict[str, Any]:
     """Search the grid on the tuning part; measure the chosen point on the held-back part."""
     _check_ns_metric(ns_metric)  # before any expensive work
+    if memit.method in ("ft", "rome"):
+        raise ValueError(f"tune searches λ and layer windows, which memit.method {memit.method} does not use; "
+                         "use `memit-pl sweep` at each of its settings instead")
     tune_part, held = split(requests, tune_fraction, seed)
     base_res = editor.evaluate(tune_part)
     base = row(0, base_res)

@@ -158,3 +158,39 @@ class AlphaEditSolver:
     def __call__(self, keys: Tensor, resid: Tensor, cov: Tensor, lam: float,
                  prev_keys: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return alphaedit_update(keys, resid, self.projector(cov), self.l2, prev_keys)
+
+
+def rome_update(keys: Tensor, resid: Tensor, cov: Tensor, lam: float = 0.0,
+                prev_keys: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """ROME's rank-one updates (Meng et al. 2022, Eqn. 2), one edit after the other in the order given.
+
+    Edit i sees the weight as the edits before it left it: with u_i = C⁻¹ k_i and r_i the change of W k_i
+    the edit asks for, W ← W + (r_i − Δ k_i) u_iᵀ / (u_iᵀ k_i), so that after its own update W k_i hits
+    its target exactly, and later edits may move it again (ROME's known decay under many edits). λ and the
+    keys of earlier rounds are not used: a rank-one update has no preservation weight, and earlier
+    rounds are already in the weights. Solved in float64.
+
+    Args:
+        keys: [n_edits, d_key]; resid: [n_edits, d_model]; cov: C = E[k kᵀ], [d_key, d_key].
+    Returns:
+        (A [d_model, n_edits], B [d_key, n_edits]) in float32 with Δ = A Bᵀ = Σ_i a_i u_iᵀ.
+    """
+    k = keys.to(torch.float64)
+    r = resid.to(torch.float64)
+    u = _spd_solve(cov.to(device=k.device, dtype=torch.float64), k.T)  # [d_key, n_edits]
+    delta = torch.zeros(r.shape[1], k.shape[1], dtype=torch.float64, device=k.device)
+    a = torch.empty(r.shape[1], k.shape[0], dtype=torch.float64, device=k.device)
+    for i in range(k.shape[0]):
+        a[:, i] = (r[i] - delta @ k[i]) / (u[:, i] @ k[i])
+        delta.add_(torch.outer(a[:, i], u[:, i]))
+    return a.float(), u.float()
+
+
+class RomeSolver:
+    """:func:`rome_update` as a solver for :func:`memit_pl.stages.apply.apply_memit` (one layer)."""
+
+    name = "rome"
+
+    def __call__(self, keys: Tensor, resid: Tensor, cov: Tensor, lam: float,
+                 prev_keys: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return rome_update(keys, resid, cov)

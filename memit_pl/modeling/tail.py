@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
+import weakref
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -23,6 +25,25 @@ from torch import Tensor, nn
 from memit_pl.modeling.hooks import CallArgs, capture_args, edit_output, trace
 from memit_pl.modeling.loading import cache_kwarg
 from memit_pl.modeling.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""block -> its torch.compile'd callable (or the block itself where compiling failed)."""
+
+
+def compiled(block: nn.Module):
+    """``torch.compile(block, dynamic=True)``, made once per block; the block itself where torch.compile is
+    unavailable. A compile error at the first call falls back to the eager block too (see :meth:`Tail.run`)."""
+    fn = _COMPILED.get(block)
+    if fn is None:
+        try:
+            fn = torch.compile(block, dynamic=True)
+        except Exception as e:  # noqa: BLE001 (no backend on this platform: eager is always correct)
+            log.warning("torch.compile is unavailable (%s); running the blocks eagerly", e)
+            fn = block
+        _COMPILED[block] = fn
+    return fn
 
 
 def _select_rows(x, rows: Tensor, n: int):
@@ -71,10 +92,11 @@ class Tail:
     def batch(self) -> int:
         return self.hidden.shape[0]
 
-    def run(self, model: nn.Module, hidden: Tensor, rows: Tensor | None = None) -> Tensor:
+    def run(self, model: nn.Module, hidden: Tensor, rows: Tensor | None = None, compile: bool = False) -> Tensor:
         """Blocks ``layer+1..`` and the final norm on ``hidden`` [rows, pos, d_model] -> [rows, pos, d_model].
 
-        ``rows`` selects which rows of the recorded batch ``hidden`` holds (all when None).
+        ``rows`` selects which rows of the recorded batch ``hidden`` holds (all when None); ``compile`` runs
+        each block through :func:`compiled` (falling back to eager, with a warning, where that fails).
         """
         n = self.batch
         h = hidden
@@ -94,7 +116,7 @@ class Tail:
                 kwargs = {k: (cache if _is_cache(v) else v) for k, v in kwargs.items()}
             block = self.spec.module(model, "block", layer)
             h = h.to(_device_of(block, h))
-            out = block(h, *args, **kwargs) if call.args else block(hidden_states=h, **kwargs)
+            out = _call(block, compile, h, args, kwargs, positional=bool(call.args))
             h = out[0] if isinstance(out, (tuple, list)) else out
         return self.spec.module(model, "final_norm")(h)
 
@@ -107,6 +129,19 @@ class Tail:
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+
+def _call(block: nn.Module, compile: bool, h: Tensor, args: tuple, kwargs: dict, positional: bool):
+    fn = compiled(block) if compile else block
+    try:
+        return fn(h, *args, **kwargs) if positional else fn(hidden_states=h, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        if fn is block:
+            raise
+        log.warning("torch.compile failed on %s (%s: %s); running it eagerly from now on",
+                    type(block).__name__, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        _COMPILED[block] = block
+        return block(h, *args, **kwargs) if positional else block(hidden_states=h, **kwargs)
 
 
 def _device_of(module: nn.Module, fallback: Tensor) -> torch.device:
@@ -123,6 +158,18 @@ def record_tail(model: nn.Module, spec: ModelSpec, layer: int, input_ids: Tensor
     with capture_args(model, list(later)) as calls, trace(model, [block_name]) as tr:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **_few_logits(model))
     return Tail(spec, layer, tr[block_name].output, {i: calls[name] for name, i in later.items()})
+
+
+@torch.no_grad()
+def record_tail_from(model: nn.Module, spec: ModelSpec, first: int, input_ids: Tensor, attention_mask: Tensor) -> Tail:
+    """Like :func:`record_tail`, re-running from block ``first`` itself (its input is the recorded hidden
+    state), so that a change of block ``first``'s own weights reaches the output; ``first`` may be 0."""
+    later = {spec.name("block", i): i for i in range(first, spec.n_layers(model))}
+    with capture_args(model, list(later)) as calls:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **_few_logits(model))
+    call = calls[spec.name("block", first)]
+    hidden = call.args[0] if call.args else call.kwargs["hidden_states"]
+    return Tail(spec, first - 1, hidden, {i: calls[name] for name, i in later.items()})
 
 
 def _few_logits(model: nn.Module) -> dict:

@@ -29,7 +29,8 @@ def covariances(model, tokenizer, memit: MemitConfig, stats: StatsConfig, cache_
     from memit_pl.stages.stats import layer_covariances, stats_cache
 
     covs = layer_covariances(model, tokenizer, list(memit.layers), stats, cache_dir=stats_dir(cache_dir), trainer=trainer)
-    return covs, stats_cache(model, tokenizer, stats, stats_dir(cache_dir)).key.dirname()
+    precision = trainer.precision if trainer is not None else None
+    return covs, stats_cache(model, tokenizer, stats, stats_dir(cache_dir), precision).key.dirname()
 
 
 def previous_keys(dirs: Sequence[str | Path], layers: Sequence[int]) -> dict[int, torch.Tensor]:

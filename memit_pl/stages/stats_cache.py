@@ -49,12 +49,16 @@ class StatsKey:
     seed: int
     weighting: str = ""
     """"" for E[k kᵀ]; "post_norm_rms" for E[k kᵀ / rms(W k)²] (a norm after the MLP, see CovarianceModule)."""
+    precision: str = ""
+    """"" for float32 passes; else the Lightning precision of the model's passes (e.g. "bf16-mixed")."""
 
     def as_dict(self) -> dict[str, Any]:
-        """The fields, without an empty ``weighting`` (so plain statistics keep their names and files)."""
+        """The fields, without an empty ``weighting`` or ``precision`` (so plain float32 statistics keep their
+        names and files)."""
         out = asdict(self)
-        if not out["weighting"]:
-            del out["weighting"]
+        for k in ("weighting", "precision"):
+            if not out[k]:
+                del out[k]
         return out
 
     def dirname(self) -> str:
@@ -168,9 +172,10 @@ def check_stats_config(stats: StatsConfig) -> None:
 
 
 def stats_cache(
-    model: nn.Module, tokenizer, stats: StatsConfig, cache_dir: str | Path | None = None
+    model: nn.Module, tokenizer, stats: StatsConfig, cache_dir: str | Path | None = None, precision: str | None = None
 ) -> StatsCache:
-    """The cache entry for this model, tokenizer and statistics settings (resolves ``corpus="auto"``)."""
+    """The cache entry for this model, tokenizer, statistics settings (resolves ``corpus="auto"``) and the
+    precision of the passes (``trainer.precision``; None for float32)."""
     check_stats_config(stats)
     corpus = resolve_corpus(stats.corpus)
     key = StatsKey(
@@ -182,6 +187,7 @@ def stats_cache(
         stats.dtype,
         stats.seed,
         "post_norm_rms" if get_spec(model).mlp_post_norm is not None else "",
+        precision or "",
     )
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "stats"
     return StatsCache(root, key)

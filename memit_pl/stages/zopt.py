@@ -73,21 +73,26 @@ class _Rows:
         local = torch.arange(len(rows), device=dev)
         return cls(tail, tail.col(local, at.to(dev)), batch.edit_of_row[rows].to(dev))
 
-    def run(self, model: nn.Module, delta: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
+    def run(self, model: nn.Module, delta: Tensor, active: Tensor, compile: bool = False) -> tuple[Tensor, Tensor]:
         """The rows of the ``active`` edits with δ added at their edit position, through the blocks
         above L and the final norm: (their indices in this group, [rows, cols, d_model])."""
         rows = torch.isin(self.edit, active).nonzero().squeeze(-1)
         h = scatter_add(self.tail.hidden.index_select(0, rows), torch.arange(len(rows), device=rows.device),
                         self.lookup[rows], delta[self.edit[rows]])
-        return rows, self.tail.run(model, h, rows=rows)
+        return rows, self.tail.run(model, h, rows=rows, compile=compile)
 
 
 StepHook = Callable[[int, int, float], None]
 """Called after each step with (step, number of active edits, their mean loss)."""
 
+TraceHook = Callable[[int, Tensor, Tensor], None]
+"""Called at each step with (step, every edit's loss [n_edits] (a stopped edit's last one), δ [n_edits, d]
+before the step's update): the state an optimisation cut off after that many steps would end in."""
+
 
 def optimize_z(
-    model: nn.Module, spec: ModelSpec, batch: ZBatch, cfg: MemitConfig, on_step: StepHook | None = None
+    model: nn.Module, spec: ModelSpec, batch: ZBatch, cfg: MemitConfig, on_step: StepHook | None = None,
+    trace: TraceHook | None = None,
 ) -> ZResult:
     """Optimise δ for every edit of ``batch`` jointly; each edit follows the reference algorithm
     (Adam, clamp after every step, early stop on its own loss) as if it were alone."""
@@ -116,7 +121,7 @@ def optimize_z(
     steps = torch.zeros(n, dtype=torch.long, device=dev)
     for it in range(cfg.v_num_grad_steps):
         # rewrite rows: logits at the positions predicting the target tokens
-        rows, normed = rw.run(model, delta, active)
+        rows, normed = rw.run(model, delta, active, cfg.z_compile)
         tpos = rw.tail.col(rows, target_pos[rows])
         tids = target_ids_all[rows]
         real = tids != -100  # the LM head only at real target tokens, not at padding slots
@@ -126,7 +131,7 @@ def optimize_z(
                             rw.edit[rows], n)
 
         # essence rows: next-token distribution at the subject's last token
-        rows, normed = es.run(model, delta, active)
+        rows, normed = es.run(model, delta, active, cfg.z_compile)
         es_edit = es.edit[rows]
         es_logp = torch.log_softmax(
             Tail.logits(model, spec, normed[torch.arange(len(rows), device=dev), es.lookup[rows]]).to(h_init.dtype),
@@ -144,6 +149,8 @@ def optimize_z(
         steps[active] = it
         if on_step is not None:
             on_step(it, len(active), float(loss_a.detach().mean()))
+        if trace is not None:
+            trace(it, final_loss.clone(), delta.detach().clone())
         keep = (loss_a >= cfg.v_loss_threshold) & (it < cfg.v_num_grad_steps - 1)
         active = active[keep]
         if len(active) == 0:

@@ -23,8 +23,9 @@ PARTS = "parts"
 FIELDS = ("z", "h_norm", "delta_norm", "loss", "nll", "steps")
 
 
-def store_key(fingerprint: str, memit_cfg, prefixes: list[str]) -> str:
-    """What z depends on: the model, the target layer L, the objective's settings and the prefixes."""
+def store_key(fingerprint: str, memit_cfg, prefixes: list[str], precision: str | None = None) -> str:
+    """What z depends on: the model, the target layer L, the objective's settings, the prefixes and the
+    compute precision (a Lightning precision name; None for float32)."""
     parts = {
         "fingerprint": fingerprint,
         "layer": memit_cfg.target_layer,
@@ -34,6 +35,8 @@ def store_key(fingerprint: str, memit_cfg, prefixes: list[str]) -> str:
             "v_loss_threshold", "essence_prompt",
         )},
     }
+    if precision is not None:
+        parts["precision"] = precision
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -1,0 +1,89 @@
+"""Equal results in the compute precision: the same N counterfact-train edits written in one batch with every
+pass in float32 and with every pass in the compute dtype, ES/PS/NS side by side.
+
+    .venv/bin/python -m bench.precision [--n 1000] [--compute bfloat16] [--work runs/precision]
+                                        [--out bench/results/precision.json]
+
+Two editors over one model, differing only in ``model.compute_dtype`` (statistics, z, keys, the update's
+passes and the evaluation all in it; δ, the optimiser state, the losses' log-softmax and the solve stay
+float32/float64). Reports ES, PS, NS (percent) of each, their differences, the mean final z loss of each,
+the median relative difference of z, the covariance matrices' relative difference (Frobenius, per layer)
+and the seconds of each stage. The z stores and statistics are resumed from ``--work`` and the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import record  # noqa: E402
+from memit_pl.config import Config, TrainerConfig  # noqa: E402
+from memit_pl.data.edits import load_edits  # noqa: E402
+from memit_pl.editor import MEMIT  # noqa: E402
+from memit_pl.modeling.loading import load_model  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--edits", default=str(ROOT.parent / "shared/data/counterfact/counterfact-train.json"))
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--compute", default="bfloat16", help="the compute dtype set against float32")
+    ap.add_argument("--config", default=str(ROOT / "configs/smollm2-135m.yaml"))
+    ap.add_argument("--work", default="runs/precision")
+    ap.add_argument("--out", default=str(ROOT / "bench/results/precision.json"))
+    args = ap.parse_args()
+    record.preflight("bench.precision", args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    base = Config.from_file(args.config)
+    base = replace(base, trainer=TrainerConfig(enable_progress_bar=False), eval=replace(base.eval, max_generation_prompts=0))
+    model, tok = load_model(base.model.name, device="cpu")
+    requests = load_edits(args.edits, tokenizer=tok, limit=args.n, drop_conflicting=True)
+    out, covs, zs = {}, {}, {}
+    for name, dtype in (("fp32", "float32"), ("compute", args.compute)):
+        cfg = replace(base, model=replace(base.model, compute_dtype=dtype))
+        editor = MEMIT(model, tok, cfg, work_dir=Path(args.work) / dtype)
+        t0 = time.perf_counter()
+        covs[name] = editor.covariances()
+        t1 = time.perf_counter()
+        store = editor.zs(requests)
+        t2 = time.perf_counter()
+        with editor.edited(requests):
+            t3 = time.perf_counter()
+            res = editor.evaluate(requests)
+        t4 = time.perf_counter()
+        m = res["metrics"]
+        zs[name] = store
+        out[name] = {"compute_dtype": editor.compute_dtype, "ES": round(m["ES"], 2), "PS": round(m["PS"], 2),
+                     "NS": round(m["NS"], 2), "S": round(m["S"], 2),
+                     "mean_z_loss": round(float(store.tensors["loss"].mean()), 4),
+                     "seconds": {"stats": round(t1 - t0, 1), "z": round(t2 - t1, 1), "update": round(t3 - t2, 1),
+                                 "evaluate": round(t4 - t3, 1)}}
+        logging.info("%s: %s", name, out[name])
+    ids = [r.case_id for r in requests]
+    z32, zc = zs["fp32"].z_for(ids), zs["compute"].z_for(ids)
+    rel = ((zc - z32).norm(dim=-1) / z32.norm(dim=-1)).tolist()
+    cov_rel = {str(layer): round(float((covs["compute"][layer] - c).norm() / c.norm()), 5) for layer, c in covs["fp32"].items()}
+    loss32, lossc = out["fp32"]["mean_z_loss"], out["compute"]["mean_z_loss"]
+    figures = {**out, "n_edits": len(requests),
+               "diff_points": {k: round(out["compute"][k] - out["fp32"][k], 2) for k in ("ES", "PS", "NS", "S")},
+               "mean_z_loss_rel_diff": round(abs(lossc - loss32) / loss32, 4),
+               "median_rel_z_diff": round(statistics.median(rel), 6), "max_rel_z_diff": round(max(rel), 6),
+               "cov_rel_diff": cov_rel,
+               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    rec = record.record("precision", figures, args=args, compute_dtype=out["compute"]["compute_dtype"],
+                        config={"model": base.model.name, "memit": asdict(base.memit)})
+    record.write(args.out, rec)
+    print(figures)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""AlphaEdit's lifelong-editing protocol: the first N counterfact-train cases in rounds of R on the same
+model, MEMIT-in-rounds against AlphaEdit, all edits so far evaluated every K rounds.
+
+    .venv/bin/python -m bench.rounds [--n 2000] [--round-size 100] [--every 5] [--methods memit,alphaedit]
+                                     [--ge-cases 500] [--work runs/rounds] [--out bench/results/methods/rounds.json]
+
+Each method is one `memit-pl edit --round_size R --evaluate_every K` run in its own process, resumable
+between rounds from its run directory under ``--work`` (re-run the same command after an interruption).
+Writes the rows of both (``method``, ``edits_so_far``, ES, PS, NS, GE and EasyEdit's metrics) to ``--out``
+(the schema of bench/record.py) and plots them against the number of edits so far (``rounds.png`` beside it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import record  # noqa: E402
+from bench.edit import cli, run_measured  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--edits", default=str(ROOT.parent / "shared/data/counterfact/counterfact-train.json"))
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--round-size", type=int, default=100)
+    ap.add_argument("--every", type=int, default=5, help="evaluate all edits so far every K rounds")
+    ap.add_argument("--methods", default="memit,alphaedit")
+    ap.add_argument("--config", default=str(ROOT / "configs/smollm2-135m.yaml"))
+    ap.add_argument("--ge-cases", type=int, default=500)
+    ap.add_argument("--work", default="runs/rounds")
+    ap.add_argument("--out", default=str(ROOT / "bench/results/methods/rounds.json"))
+    args = ap.parse_args()
+    record.preflight("bench.rounds", args)
+    rows, runs = [], {}
+    for method in [m for m in args.methods.split(",") if m]:
+        out = Path(args.work) / method
+        wall, rss = run_measured(cli() + [
+            "edit", "--config", args.config, "--edits", args.edits, "--limit", str(args.n), "--drop_conflicts", "true",
+            "--round_size", str(args.round_size), "--evaluate_every", str(args.every), "--memit.method", method,
+            "--eval.generation_cases", str(args.ge_cases), "--save_model", "false",
+            "--trainer.enable_progress_bar", "false", "--out", str(out)])
+        got = json.loads((out / "rounds.json").read_text())
+        rows += got["rows"]
+        runs[method] = {"wall_s": round(wall, 1), "peak_rss_mb": round(rss, 1), "layers": got["layers"],
+                        "compute_dtype": got["compute_dtype"]}
+    from memit_pl.experiments.sweep import plot_rows
+
+    figures = {"rows": rows, "n_edits": args.n, "round_size": args.round_size, "evaluate_every": args.every,
+               "runs": runs}
+    rec = record.record("rounds", figures, args=args, config={"config_file": args.config},
+                        compute_dtype=next(iter(runs.values()))["compute_dtype"])
+    record.write(args.out, rec)
+    plot_rows(rows, "edits_so_far", Path(args.out).with_suffix(".png"),
+              f"rounds of {args.round_size}: {' vs '.join(runs)}", group="method", log_x=False)
+
+
+if __name__ == "__main__":
+    main()
