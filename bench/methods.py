@@ -94,7 +94,8 @@ def main() -> None:
         own = update_s + (z_s if method != "ft" else 0.0)
         rows.append(row(n, result, unedited, method=method, n_edits=n, seconds=round(own, 1),
                         z_s=None if method == "ft" else round(z_s, 1), update_s=round(update_s, 1),
-                        layers=delta.layers, settings=_settings(cfg, method, overrides)))
+                        layers=delta.layers, settings=_settings(cfg, method, overrides),
+                        **({k: delta.metadata[k] for k in ("ft_steps", "ft_final_nll")} if method == "ft" else {})))
         logging.info("%s: %s", method, rows[-1])
         _write(out, rows, args, cfg, editor, stats_s)
 
@@ -128,6 +129,11 @@ def _write(out: Path, rows: list[dict], args, cfg: Config, editor: MEMIT, stats_
     rec = record.record("methods", figures, args=args, compute_dtype=editor.compute_dtype,
                         config={"model": cfg.model.name, "memit": asdict(cfg.memit), "eval": asdict(cfg.eval)})
     record.write(out, rec)
+    from memit_pl import io
+    from memit_pl.experiments.sweep import markdown
+
+    keys = ("method", "n_edits", "S", "ES", "PS", "NS", "GE", "reliability", "generalization", "locality", "seconds")
+    io.write_text(out.with_suffix(".md"), markdown(rows, keys) + "\n")
 
 
 if __name__ == "__main__":

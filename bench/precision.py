@@ -39,6 +39,9 @@ def main() -> None:
     ap.add_argument("--compute", default="bfloat16", help="the compute dtype set against float32")
     ap.add_argument("--config", default=str(ROOT / "configs/smollm2-135m.yaml"))
     ap.add_argument("--work", default="runs/precision")
+    ap.add_argument("--fp32-work", default=None,
+                    help="work directory of the float32 editor (default <work>/float32), e.g. bench.methods' "
+                         "runs/methods/n1000 to reuse its z store")
     ap.add_argument("--out", default=str(ROOT / "bench/results/precision.json"))
     args = ap.parse_args()
     record.preflight("bench.precision", args)
@@ -50,7 +53,8 @@ def main() -> None:
     out, covs, zs = {}, {}, {}
     for name, dtype in (("fp32", "float32"), ("compute", args.compute)):
         cfg = replace(base, model=replace(base.model, compute_dtype=dtype))
-        editor = MEMIT(model, tok, cfg, work_dir=Path(args.work) / dtype)
+        work = Path(args.fp32_work) if name == "fp32" and args.fp32_work else Path(args.work) / dtype
+        editor = MEMIT(model, tok, cfg, work_dir=work)
         t0 = time.perf_counter()
         covs[name] = editor.covariances()
         t1 = time.perf_counter()

@@ -68,6 +68,10 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200, help="edits (the first n cases, conflicts dropped)")
     ap.add_argument("--compute", default="auto", help="compute dtype of the second batched run (auto, bfloat16, ...)")
     ap.add_argument("--batch", type=int, default=32, help="edits per batched optimisation")
+    ap.add_argument("--reference-settings", action="store_true",
+                    help="also time the fp32 batched optimiser at the reference's z settings (lr 0.5, 25 steps)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the fp32 batched optimiser with memit.z_compile (torch.compile of the re-run blocks)")
     ap.add_argument("--compare", type=int, default=None,
                     help="edits (the first ones in file order) also optimised by the serial reference (default: all)")
     ap.add_argument("--plain", type=int, default=32,
@@ -95,6 +99,8 @@ def main() -> None:
     ours_s, ours = [], {}  # per batch seconds; case id -> (z, loss, steps)
     comp_s, comp = [], {}  # the same in the compute dtype
     base_s, base = [], {}  # per edit seconds; case id -> (z, loss, steps)
+    compile_s, rel_k = [], []  # per batch seconds with z_compile; relative z differences to fp32 eager
+    refset_s, refset_loss, refset_steps = [], [], []  # at the reference's z settings
     before_frac = []
     for i in range(0, len(ordered), args.batch):
         chunk = ordered[i : i + args.batch]
@@ -110,6 +116,19 @@ def main() -> None:
         comp_s.append(time.perf_counter() - t)
         for j, r in enumerate(chunk):
             comp[r.case_id] = (res_c.z[j], float(res_c.loss[j]), int(res_c.steps[j]))
+        if args.reference_settings:
+            t = time.perf_counter()
+            res_r = optimize_z(model, spec, build_z_batch(tok, chunk, prefixes, cfg.essence_prompt).to(dev),
+                               dataclasses.replace(cfg, v_lr=0.5, v_num_grad_steps=25))
+            refset_s.append(time.perf_counter() - t)
+            refset_loss.extend(res_r.loss.tolist())
+            refset_steps.extend(res_r.steps.tolist())
+        if args.compile:
+            t = time.perf_counter()
+            res_k = optimize_z(model, spec, build_z_batch(tok, chunk, prefixes, cfg.essence_prompt).to(dev),
+                               dataclasses.replace(cfg, z_compile=True))
+            compile_s.append(time.perf_counter() - t)
+            rel_k.extend(((res_k.z - res.z).norm(dim=-1) / res.z.norm(dim=-1)).tolist())
         lens = batch.attention_mask.sum(1).float()
         before_frac.append(float((batch.lookup.float() / lens).mean()))
         for r in chunk:
@@ -183,6 +202,20 @@ def main() -> None:
         "median_rel_z_diff": round(statistics.median(rel), 7),
         "max_rel_z_diff": round(max(rel), 7),
         **plain_rows,
+        **({} if not refset_s else {
+            "fp32_reference_settings_s_per_edit": round(sum(refset_s) / len(ordered), 4),
+            "ratio_reference_settings_vs_fp32": round(sum(refset_s) / sum(ours_s), 2),
+            "ratio_reference_settings_vs_compute": round(sum(refset_s) / sum(comp_s), 2),
+            "mean_loss_reference_settings": round(statistics.fmean(refset_loss), 4),
+            "mean_steps_reference_settings": round(statistics.fmean(refset_steps), 2),
+            "mean_steps_fp32": round(statistics.fmean(v[2] for v in ours.values()), 2)}),
+        **({} if not compile_s else {
+            "compile_s_per_edit": round(sum(compile_s) / len(ordered), 4),
+            "compile_s_per_edit_after_first_batch": round(sum(compile_s[1:]) / max(1, len(ordered) - args.batch), 4),
+            "fp32_s_per_edit_after_first_batch": round(sum(ours_s[1:]) / max(1, len(ordered) - args.batch), 4),
+            "ratio_fp32_vs_compile_after_first_batch": round(sum(ours_s[1:]) / max(sum(compile_s[1:]), 1e-9), 3),
+            "compile_first_batch_s": round(compile_s[0], 1), "fp32_first_batch_s": round(ours_s[0], 1),
+            "median_rel_z_diff_compile_vs_fp32": round(statistics.median(rel_k), 7)}),
         "fraction_of_positions_before_edit": round(statistics.fmean(before_frac), 3),
         "profile_top_ops": prof,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

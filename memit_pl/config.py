@@ -59,9 +59,10 @@ class MemitConfig:
     """Critical MLP layers R; the target layer L is max(R)."""
     mom2_update_weight: float = 2000.0
     """λ, the weight of the covariance (preservation) term (Eqn. 14/15)."""
-    v_lr: float = 0.5
-    """Adam learning rate of δ."""
-    v_num_grad_steps: int = 25
+    v_lr: float = 2.0
+    """Adam learning rate of δ (the reference's is 0.5 with 25 steps; lr 2 for 12 steps reaches the same
+    quality in fewer passes: docs/z-optimisation.md)."""
+    v_num_grad_steps: int = 12
     """Maximum optimisation steps per edit."""
     clamp_norm_factor: float = 0.75
     """‖δ‖ is clamped to this fraction of ‖h^L‖ after every step."""

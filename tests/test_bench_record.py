@@ -33,3 +33,18 @@ def test_a_record_has_the_schema_and_the_figures_at_the_top_level(tmp_path):
     assert data["command"] == "python -m bench.z --n 3"
     assert data["fp32_s_per_edit"] == data["figures"]["fp32_s_per_edit"] == 2.0
     assert data["packages"]["torch"] and data["device"]["threads"] >= 1
+
+
+def test_the_methods_benchmark_reads_per_method_settings():
+    from bench import methods
+    from memit_pl.config import Config
+
+    got = methods._overrides(["ft.ft_layer=3", "ft.ft_weight_decay=1e-3", "alphaedit.alphaedit_l2=5"])
+    assert got == {"ft": {"ft_layer": 3, "ft_weight_decay": 1e-3}, "alphaedit": {"alphaedit_l2": 5}}
+    for bad in ("ft_layer=3", "mend.x=1", "ft.ft_layer="):
+        with pytest.raises(SystemExit, match="METHOD.KEY=VALUE"):
+            methods._overrides([bad])
+    cfg = Config()
+    assert methods._settings(cfg, "ft", got)["ft_layer"] == 3
+    assert methods._settings(cfg, "memit", got) == {"layers": cfg.memit.layers, "mom2_update_weight": cfg.memit.mom2_update_weight}
+    assert methods._settings(cfg, "unedited", got) is None

@@ -141,3 +141,34 @@ def test_ft_through_the_editor_resumes_and_restores(editor):
     assert editor.z_runs == runs
     with pytest.raises(ValueError, match="no z store"):
         editor.apply(requests(), None, ft)
+
+
+@pytest.mark.parametrize("method, layers", [("ft", [0]), ("rome", [2])])
+def test_the_edit_command_takes_every_method(make_model, tok, tmp_path, monkeypatch, method, layers):
+    import json
+
+    from memit_pl import cli
+    from tests.support.tiny import CORPUS
+    from tests.test_editor import FACTS
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    d = tmp_path / "tiny"
+    make_model("llama").save_pretrained(d)
+    tok.save_pretrained(d)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS * 8))
+    edits = tmp_path / "e.jsonl"
+    edits.write_text("".join(json.dumps({"subject": s, "prompt": p, "target_new": o}) + "\n" for p, s, o in FACTS))
+    out = tmp_path / "out"
+    rc = cli.main(["edit", "--edits", str(edits), "--model.name", str(d), "--model.device", "cpu", "--out", str(out),
+                   "--memit.layers", "[1, 2]", "--memit.v_num_grad_steps", "2", "--memit.method", method,
+                   "--memit.ft_layer", "0", "--memit.ft_steps", "2", "--stats.corpus", str(corpus),
+                   "--stats.n_samples", "16", "--stats.seq_len", "16", "--model.cache_dir", str(tmp_path / "cache"),
+                   "--save_model", "true", "--trainer.enable_progress_bar", "false"])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == method and summary["layers"] == layers
+    assert (out / "model" / "config.json").exists()
+    from memit_pl import EditDelta
+
+    assert EditDelta.load(out).layers == layers

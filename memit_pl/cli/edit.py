@@ -50,13 +50,13 @@ def run(cfg, secs, command: str) -> int:
     summary = run_edit(editor, requests, out, previous=cfg.previous, save_model=cfg.save_model,
                        config_dump={"path": str(path), **extra})
     after = predictions(model, tok, requests)
-    t = summary["timings"]
+    names = {"stats_s": "statistics", "z_s": "z", "apply_s": "apply", "ft_s": "fine-tuning", "save_s": "save"}
+    stages = " s, ".join(f"{names[k]} {v:.1f}" for k, v in summary["timings"].items() if k in names)
     sys.stdout.write(
         table(requests, before, after)
         + f"\n\n{len(requests)} edits in one batch, layers {summary['layers']}: new object is the top-1 "
         f"prediction for {100 * summary['top1_new_before']:.0f}% -> {100 * summary['top1_new_after']:.0f}% "
-        f"of the rewrite prompts\nstages: statistics {t['stats_s']:.1f} s, z {t['z_s']:.1f} s, "
-        f"apply {t['apply_s']:.1f} s; outputs in {out}\n"
+        f"of the rewrite prompts\nstages: {stages} s; outputs in {out}\n"
     )
     return 0
 

@@ -86,7 +86,8 @@ def apply_stage(
     delta.save(out_dir)
     summary = {
         "n_edits": len(requests),
-        "layers": list(memit.layers),
+        "method": memit.method,
+        "layers": delta.layers,
         "compute_dtype": editor.compute_dtype,
         "weights_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "cast_error": delta.metadata.get("cast_error", {}),
@@ -97,6 +98,27 @@ def apply_stage(
         "z_mean_steps": float(store.tensors["steps"].float().mean()),
         "timings": timings,
     }
+    if save_model:
+        t = time.perf_counter()
+        editor.save_pretrained(out_dir / "model")
+        timings["save_s"] = time.perf_counter() - t
+    io.write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def _finetune_stage(editor, requests: Sequence[EditRequest], out_dir: Path, save_model: bool,
+                    config_dump: dict[str, Any] | None) -> dict[str, Any]:
+    """FT-W (``memit.method: ft``): no statistics and no z; the delta, ``summary.json``, the edited model."""
+    fp_before = fingerprint(editor.model)
+    t = time.perf_counter()
+    delta = editor.edit(requests)
+    timings = {"ft_s": time.perf_counter() - t}
+    delta.metadata.update({"fingerprint": fp_before, "config": config_dump or {}})
+    delta.save(out_dir)
+    summary = {"n_edits": len(requests), "method": "ft", "layers": delta.layers, "compute_dtype": editor.compute_dtype,
+               "delta_norm": {str(layer): float(delta.dense(layer).norm()) for layer in delta.layers},
+               "ft_steps": delta.metadata["ft_steps"], "ft_final_nll": delta.metadata["ft_final_nll"],
+               "timings": timings}
     if save_model:
         t = time.perf_counter()
         editor.save_pretrained(out_dir / "model")
@@ -123,23 +145,25 @@ def run_edit(
     editor.check(requests)
     with editor.autocast():
         before = efficacy_top1(model, tokenizer, requests)
-    t = time.perf_counter()
-    editor.covariances()  # statistics first: they are cached and needed by the apply stage anyway
-    stats_s = time.perf_counter() - t
-    t = time.perf_counter()
-    store = editor.zs(requests, store_dir=z_dir or out_dir / "z", config_dump=config_dump)
-    z_s = time.perf_counter() - t
-    summary = apply_stage(editor, requests, store, out_dir, previous=previous, save_model=save_model,
-                          config_dump=config_dump)
+    if editor.memit.method == "ft":
+        summary = _finetune_stage(editor, requests, out_dir, save_model, config_dump)
+    else:
+        t = time.perf_counter()
+        editor.covariances()  # statistics first: they are cached and needed by the apply stage anyway
+        stats_s = time.perf_counter() - t
+        t = time.perf_counter()
+        store = editor.zs(requests, store_dir=z_dir or out_dir / "z", config_dump=config_dump)
+        z_s = time.perf_counter() - t
+        summary = apply_stage(editor, requests, store, out_dir, previous=previous, save_model=save_model,
+                              config_dump=config_dump)
+        summary["timings"].update({"stats_s": stats_s, "z_s": z_s})
     with editor.autocast():
         after = efficacy_top1(model, tokenizer, requests)
-    summary["timings"].update({"stats_s": stats_s, "z_s": z_s})
     summary["top1_new_before"] = sum(before) / len(before)
     summary["top1_new_after"] = sum(after) / len(after)
     io.write_json(out_dir / "summary.json", summary)
-    log.info(
-        "edited %d facts: top-1 new object %.0f%% -> %.0f%%, mean ‖z−h^L‖ %.3f -> %.3f",
-        len(requests), 100 * summary["top1_new_before"], 100 * summary["top1_new_after"],
-        summary["resid_norm_before"], summary["resid_norm_after"],
-    )
+    resid = ("" if "resid_norm_before" not in summary else
+             f", mean ‖z−h^L‖ {summary['resid_norm_before']:.3f} -> {summary['resid_norm_after']:.3f}")
+    log.info("edited %d facts (%s): top-1 new object %.0f%% -> %.0f%%%s", len(requests), editor.memit.method,
+             100 * summary["top1_new_before"], 100 * summary["top1_new_after"], resid)
     return summary
