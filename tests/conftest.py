@@ -58,3 +58,17 @@ def editor(make_model, tok, tmp_path, monkeypatch):
                  trainer=TrainerConfig(accelerator="cpu", enable_progress_bar=False),
                  eval=EvalConfig(batch_size=16, max_generation_prompts=0))
     return MEMIT(model, tok, cfg, work_dir=tmp_path / "work", cache_dir=tmp_path / "cache")
+
+
+@pytest.fixture
+def tiny_dir(make_model, tok, tmp_path, monkeypatch):
+    """(a saved tiny Llama with its tokenizer, a statistics corpus file) for CLI runs, offline."""
+    from tests.support.tiny import CORPUS
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    d = tmp_path / "tiny"
+    make_model("llama").save_pretrained(d)
+    tok.save_pretrained(d)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS * 8))
+    return d, corpus

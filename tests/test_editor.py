@@ -16,7 +16,6 @@ from memit_pl.data.edits import EditFileError
 from memit_pl.functional.solve import solve_update
 from memit_pl.modeling import loading
 from memit_pl.modeling.spec import get_spec
-from tests.support.tiny import CORPUS
 
 REPO = Path(__file__).resolve().parents[1]
 FACTS = [("{} plays the sport of", "Michael Jordan", "soccer"), ("The capital of {} is", "France", "Rome"),
@@ -236,17 +235,12 @@ def test_alphaedit_is_a_method_of_the_same_editor(editor):
         MemitConfig(method="rome-ish")
 
 
-def test_the_edit_command_runs_in_rounds(make_model, tok, tmp_path, monkeypatch):
+def test_the_edit_command_runs_in_rounds(tiny_dir, tmp_path):
     import json
 
     from memit_pl import cli
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    d = tmp_path / "tiny"
-    make_model("llama").save_pretrained(d)
-    tok.save_pretrained(d)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(CORPUS * 8))
+    d, corpus = tiny_dir
     edits = tmp_path / "e.jsonl"
     edits.write_text("".join(json.dumps({"subject": s, "prompt": p, "target_new": o, "target_true": "x",
                                          "neighborhood": ["Lionel Messi plays for"]}) + "\n" for p, s, o in FACTS))

@@ -144,19 +144,13 @@ def test_ft_through_the_editor_resumes_and_restores(editor):
 
 
 @pytest.mark.parametrize("method, layers", [("ft", [0]), ("rome", [2])])
-def test_the_edit_command_takes_every_method(make_model, tok, tmp_path, monkeypatch, method, layers):
+def test_the_edit_command_takes_every_method(tiny_dir, tmp_path, method, layers):
     import json
 
     from memit_pl import cli
-    from tests.support.tiny import CORPUS
     from tests.test_editor import FACTS
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    d = tmp_path / "tiny"
-    make_model("llama").save_pretrained(d)
-    tok.save_pretrained(d)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(CORPUS * 8))
+    d, corpus = tiny_dir
     edits = tmp_path / "e.jsonl"
     edits.write_text("".join(json.dumps({"subject": s, "prompt": p, "target_new": o}) + "\n" for p, s, o in FACTS))
     out = tmp_path / "out"

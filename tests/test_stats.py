@@ -324,4 +324,4 @@ def test_statistics_in_another_compute_precision_are_a_cache_entry_of_their_own(
     fp32 = stats_cache(model, tok, cfg, tmp_path)
     assert fp32.key.as_dict().get("precision") is None  # float32 entries keep their names
     assert stats_cache(model, tok, cfg, tmp_path, None).dir == fp32.dir
-    assert stats_cache(model, tok, cfg, tmp_path, "bf16-mixed").dir != fp32.dir
+    assert stats_cache(model, tok, cfg, tmp_path, "bfloat16").dir != fp32.dir

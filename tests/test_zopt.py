@@ -340,7 +340,7 @@ def test_store_key_depends_on_the_compute_precision():
 
     cfg = MemitConfig(layers=[1])
     assert store_key("f", cfg, [""]) == store_key("f", cfg, [""], None)
-    assert store_key("f", cfg, [""], "bf16-mixed") != store_key("f", cfg, [""])
+    assert store_key("f", cfg, [""], "bfloat16") != store_key("f", cfg, [""])
 
 
 def test_compiled_blocks_give_the_same_z(make_model, tok, monkeypatch):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from memit_pl.cli._common import load, make_editor, make_parser, parse, save_config
 from memit_pl.modeling.loading import default_cache_dir
+from memit_pl.stages.runtime import compute_dtype_of
 from memit_pl.stages.stats import check_stats_config, layer_covariances, stats_cache
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ def main(argv: list[str]) -> int:
 
     if rank_zero_only.rank != 0:
         return 0
-    cache = stats_cache(model, tok, secs["stats"], cache_dir, trainer.precision)
+    cache = stats_cache(model, tok, secs["stats"], cache_dir, compute_dtype_of(trainer))
     save_config(cache.dir, "stats", secs)
     lines = [
         f"statistics of {secs['model'].name} on {cache.key.corpus} "

@@ -29,8 +29,9 @@ def covariances(model, tokenizer, memit: MemitConfig, stats: StatsConfig, cache_
     from memit_pl.stages.stats import layer_covariances, stats_cache
 
     covs = layer_covariances(model, tokenizer, list(memit.layers), stats, cache_dir=stats_dir(cache_dir), trainer=trainer)
-    precision = trainer.precision if trainer is not None else None
-    return covs, stats_cache(model, tokenizer, stats, stats_dir(cache_dir), precision).key.dirname()
+    from memit_pl.stages.runtime import compute_dtype_of
+
+    return covs, stats_cache(model, tokenizer, stats, stats_dir(cache_dir), compute_dtype_of(trainer)).key.dirname()
 
 
 def previous_keys(dirs: Sequence[str | Path], layers: Sequence[int]) -> dict[int, torch.Tensor]:
@@ -98,10 +99,15 @@ def apply_stage(
         "z_mean_steps": float(store.tensors["steps"].float().mean()),
         "timings": timings,
     }
+    return _save(editor, out_dir, summary, save_model)
+
+
+def _save(editor, out_dir: Path, summary: dict[str, Any], save_model: bool) -> dict[str, Any]:
+    """The edited model (``save_pretrained``, timed into the summary) if asked for, then ``summary.json``."""
     if save_model:
         t = time.perf_counter()
         editor.save_pretrained(out_dir / "model")
-        timings["save_s"] = time.perf_counter() - t
+        summary["timings"]["save_s"] = time.perf_counter() - t
     io.write_json(out_dir / "summary.json", summary)
     return summary
 
@@ -119,12 +125,7 @@ def _finetune_stage(editor, requests: Sequence[EditRequest], out_dir: Path, save
                "delta_norm": {str(layer): float(delta.dense(layer).norm()) for layer in delta.layers},
                "ft_steps": delta.metadata["ft_steps"], "ft_final_nll": delta.metadata["ft_final_nll"],
                "timings": timings}
-    if save_model:
-        t = time.perf_counter()
-        editor.save_pretrained(out_dir / "model")
-        timings["save_s"] = time.perf_counter() - t
-    io.write_json(out_dir / "summary.json", summary)
-    return summary
+    return _save(editor, out_dir, summary, save_model)
 
 
 def run_edit(

@@ -296,7 +296,7 @@ def compute_covariances(
     if not wanted:
         raise ValueError("memit.layers must name at least one layer")
     check_layers(model, wanted)
-    cache = stats_cache(model, tokenizer, stats, cache_dir, trainer.precision if trainer is not None else None)
+    cache = stats_cache(model, tokenizer, stats, cache_dir, runtime.compute_dtype_of(trainer))
     out = {layer: cache.load(layer) for layer in wanted}
     missing = [layer for layer, v in out.items() if v is None]
     if missing:

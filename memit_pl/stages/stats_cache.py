@@ -50,7 +50,7 @@ class StatsKey:
     weighting: str = ""
     """"" for E[k kᵀ]; "post_norm_rms" for E[k kᵀ / rms(W k)²] (a norm after the MLP, see CovarianceModule)."""
     precision: str = ""
-    """"" for float32 passes; else the Lightning precision of the model's passes (e.g. "bf16-mixed")."""
+    """"" for float32 passes; else the compute dtype of the model's passes (e.g. "bfloat16")."""
 
     def as_dict(self) -> dict[str, Any]:
         """The fields, without an empty ``weighting`` or ``precision`` (so plain float32 statistics keep their
@@ -175,7 +175,7 @@ def stats_cache(
     model: nn.Module, tokenizer, stats: StatsConfig, cache_dir: str | Path | None = None, precision: str | None = None
 ) -> StatsCache:
     """The cache entry for this model, tokenizer, statistics settings (resolves ``corpus="auto"``) and the
-    precision of the passes (``trainer.precision``; None for float32)."""
+    compute dtype of the passes (``runtime.compute_dtype_of(trainer)``; None for float32)."""
     check_stats_config(stats)
     corpus = resolve_corpus(stats.corpus)
     key = StatsKey(

@@ -108,7 +108,7 @@ def compute_zs(
     store_dir.mkdir(parents=True, exist_ok=True)
     prefixes = load_or_sample_prefixes(model, tokenizer, memit, store_dir)
     fp = fingerprint(model)
-    key = store_key(fp, memit, prefixes, trainer.precision if trainer is not None else None)
+    key = store_key(fp, memit, prefixes, runtime.compute_dtype_of(trainer))
     done = done_case_ids(store_dir, key)
     todo = [r for r in requests if r.case_id not in done]
     if memit.z_prefix_cache:  # batches of edits with similar lengths after the subject pad little

@@ -25,7 +25,7 @@ FIELDS = ("z", "h_norm", "delta_norm", "loss", "nll", "steps")
 
 def store_key(fingerprint: str, memit_cfg, prefixes: list[str], precision: str | None = None) -> str:
     """What z depends on: the model, the target layer L, the objective's settings, the prefixes and the
-    compute precision (a Lightning precision name; None for float32)."""
+    compute dtype (:func:`memit_pl.stages.runtime.compute_dtype_of`; None for float32)."""
     parts = {
         "fingerprint": fingerprint,
         "layer": memit_cfg.target_layer,
