@@ -76,6 +76,10 @@ class MemitConfig:
     """Context prefixes: [length in tokens, how many] pairs, sampled from the model ("{}" is always added)."""
     context_seeds: list[str] = field(default_factory=lambda: ["The", "Therefore", "Because", "I", "You"])
     """Words that start the sampled context prefixes (cycled)."""
+    context_source: str = "model"
+    """Where the context prefixes come from: ``model`` (sampled from the model from the seed words, Eqn. 16
+    and the reference) or ``corpus`` (the openings of seeded sentences of the packaged Wikipedia sample,
+    cut to the same lengths: text that reads as text whatever the model samples)."""
     essence_prompt: str = "{} is a"
     """The prompt of the KL ("essence") term."""
     z_batch_size: int = 32
@@ -120,6 +124,8 @@ class MemitConfig:
             raise ValueError("memit.mom2_update_weight (λ) must be >= 0")
         if "{}" not in self.essence_prompt:
             raise ValueError("memit.essence_prompt needs a '{}' for the subject")
+        if self.context_source not in ("model", "corpus"):
+            raise ValueError(f"memit.context_source must be model or corpus, not {self.context_source!r}")
         for pair in self.context_templates:
             if len(pair) != 2 or pair[0] < 1 or pair[1] < 1:
                 raise ValueError(f"memit.context_templates entries are [length, count], got {pair}")

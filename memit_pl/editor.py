@@ -313,12 +313,31 @@ class MEMIT:
             yield self.edit(requests, memit)
 
     def evaluate(self, requests: Sequence[EditRequest], **kwargs: Any) -> dict[str, Any]:
-        """CounterFact / zsRE metrics of the model as it is now (see :func:`memit_pl.stages.evaluate.evaluate_requests`)."""
+        """CounterFact / zsRE metrics of the model as it is now (see :func:`memit_pl.stages.evaluate.evaluate_requests`).
+
+        Without keyword arguments the result is kept in ``<work_dir>/evals/``, keyed by the exact weights
+        (:func:`memit_pl.modeling.loading.fingerprint`), the requests, the eval config and the compute
+        precision: evaluating the same model state again (a resumed sweep, the unedited model of several
+        benchmark rows) reads it back instead of running the passes again."""
+        from memit_pl import io
         from memit_pl.config import TrainerConfig
+        from memit_pl.modeling.loading import fingerprint
         from memit_pl.stages.evaluate import evaluate_requests
 
+        path = None
+        if not kwargs:
+            data = json.dumps({"model": fingerprint(self.model), "requests": [r.to_dict() for r in requests],
+                               "eval": asdict(self.config.eval), "precision": self.config.trainer.precision},
+                              sort_keys=True, default=str)
+            path = self.work_dir / "evals" / f"{hashlib.sha256(data.encode()).hexdigest()[:16]}.json"
+            if path.exists():
+                log.info("evaluation of %d cases read back from %s", len(requests), path)
+                return json.loads(path.read_text())
         kwargs.setdefault("trainer_cfg", TrainerConfig(enable_progress_bar=False, precision=self.config.trainer.precision))
-        return evaluate_requests(self.model, self.tokenizer, requests, self.config.eval, **kwargs)
+        result = evaluate_requests(self.model, self.tokenizer, requests, self.config.eval, **kwargs)
+        if path is not None:  # compact: the per-case records of 10,000 cases are tens of MB
+            io.write_text(path, json.dumps(result, default=str))
+        return result
 
     def edited_evaluation(self, requests: Sequence[EditRequest], store, memit: MemitConfig, tag: str,
                           eval_requests: Sequence[EditRequest] | None = None) -> dict[str, Any]:

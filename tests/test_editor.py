@@ -253,3 +253,24 @@ def test_the_edit_command_runs_in_rounds(tiny_dir, tmp_path):
     res = json.loads((tmp_path / "out" / "rounds.json").read_text())
     assert [r["edits_so_far"] for r in res["rows"]] == [0, 2, 3] and {r["method"] for r in res["rows"]} == {"alphaedit"}
     assert (tmp_path / "out" / "rounds.png").exists() and "| round |" in (tmp_path / "out" / "rounds.md").read_text()
+
+
+def test_an_evaluation_of_the_same_weights_is_read_back_and_an_edit_invalidates_it(editor, monkeypatch):
+    import json
+
+    import memit_pl.stages.evaluate as ev
+
+    reqs = [EditRequest.of(p, s, o, target_true="basketball") for p, s, o in FACTS]
+    first = editor.evaluate(reqs)
+    calls = []
+    real = ev.evaluate_requests
+    monkeypatch.setattr(ev, "evaluate_requests", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = editor.evaluate(reqs)
+    assert calls == [] and again == json.loads(json.dumps(first))
+    editor.evaluate(reqs[:2])  # other requests: evaluated
+    assert calls == [1]
+    with editor.edited(reqs):  # other weights: evaluated
+        edited = editor.evaluate(reqs)
+    assert calls == [1, 1] and edited["cases"][0]["prompts"] != first["cases"][0]["prompts"]
+    editor.evaluate(reqs)  # the weights restored exactly: read back
+    assert calls == [1, 1]

@@ -341,3 +341,34 @@ def test_the_real_counterfact_train_split_loads_with_its_74_conflicts_dropped():
     kept = load_edits(path, drop_conflicting=True)
     assert len(kept) == 10_000 - 74
     assert all("{}" in r.prompt and r.paraphrases and r.neighborhood for r in kept)
+
+
+def test_empty_new_objects_are_an_error_or_dropped_before_the_limit(tmp_path, caplog):
+    import json
+    import logging
+
+    from memit_pl.data.edits import EditFileError, load_edits
+
+    recs = [_easyedit(1, "Berlin", "Berlin is the capital of", "France"),
+            _easyedit(2, "Tokyo", "Tokyo is the capital of", " "),
+            _easyedit(3, "Oslo", "Oslo is the capital of", "Chile")]
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps(recs))
+    with pytest.raises(EditFileError, match=r"record 1 \(case_id 2\).*target_new.*empty"):
+        load_edits(path)
+    with caplog.at_level(logging.INFO, logger="memit_pl.data.edits"):
+        kept = load_edits(path, drop_empty=True, limit=2)
+    assert [r.case_id for r in kept] == ["1", "3"]
+    assert "dropped 1 requests with an empty new object, e.g. case 2" in caplog.text
+
+
+@pytest.mark.skipif(not (SHARED / "zsre" / "zsre_mend_train-1k.json").exists(), reason="needs ../shared/data")
+def test_the_real_zsre_records_load_with_their_two_empty_new_objects_dropped():
+    from memit_pl.data.edits import EditFileError, load_edits
+
+    path = SHARED / "zsre" / "zsre_mend_train-1k.json"
+    with pytest.raises(EditFileError, match=r"record 534 .*target_new"):
+        load_edits(path)
+    kept = load_edits(path, drop_empty=True)
+    assert len(kept) == 998
+    assert all(r.neighborhood and r.neighborhood[0].startswith("nq question: ") for r in kept)

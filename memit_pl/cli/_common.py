@@ -43,11 +43,14 @@ def load(model_cfg, padding_side: str = "right", memit_cfg=None):
 
 
 def add_selection_arguments(parser) -> None:
-    """``--limit`` and ``--drop_conflicts``: which records of the edits file a command uses."""
+    """``--limit``, ``--drop_conflicts`` and ``--drop_empty``: which records of the edits file a command uses."""
     parser.add_argument("--limit", type=int | None, default=None, help="use only the first N edits")
     parser.add_argument("--drop_conflicts", type=bool, default=False,
                         help="drop requests that conflict with an earlier one (same subject and prompt) instead of "
                              "failing, as the paper does before its scaling runs")
+    parser.add_argument("--drop_empty", type=bool, default=False,
+                        help="drop requests whose new object is empty instead of failing (two records of MEND's "
+                             "zsRE training split)")
 
 
 def make_editor(secs: dict[str, Any], model, tok, work_dir: str | Path | None = None, z_dir: str | Path | None = None):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from memit_pl.cli._common import load, make_editor, make_parser, parse, save_config
+from memit_pl.cli._common import add_selection_arguments, load, make_editor, make_parser, parse, save_config
 from memit_pl.data.edits import load_edits
 
 log = logging.getLogger(__name__)
@@ -16,14 +16,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--edits", required=True, help="edits file (the one the z store was made from)")
     parser.add_argument("--z", required=True, help="z store directory (from `memit-pl z`)")
     parser.add_argument("--out", required=True, help="run directory: delta, per-layer factors, summary, model/")
-    parser.add_argument("--limit", type=int | None, default=None, help="use only the first N edits")
+    add_selection_arguments(parser)
     parser.add_argument("--previous", type=list[str], default=[], help="earlier run directories whose edits to keep")
     parser.add_argument("--save_model", type=bool, default=True, help="write the edited model with save_pretrained")
     cfg, secs = parse(parser, argv)
     from memit_pl.stages.pipeline import apply_stage
     from memit_pl.stages.zstore import load_store
 
-    requests = load_edits(cfg.edits, limit=cfg.limit)  # bad input fails here, before the model loads
+    requests = load_edits(cfg.edits, limit=cfg.limit, drop_conflicting=cfg.drop_conflicts,
+                          drop_empty=cfg.drop_empty)  # bad input fails here, before the model loads
     model, tok = load(secs["model"], memit_cfg=secs["memit"])
     editor = make_editor(secs, model, tok, work_dir=cfg.out)
     editor.check(requests)

@@ -38,7 +38,8 @@ def table(requests: Sequence[EditRequest], before: list[list[str]], after: list[
 def run(cfg, secs, command: str) -> int:
     from memit_pl.stages.pipeline import run_edit
 
-    requests = load_edits(cfg.edits, limit=cfg.limit, drop_conflicting=cfg.drop_conflicts)  # bad input fails here
+    requests = load_edits(cfg.edits, limit=cfg.limit, drop_conflicting=cfg.drop_conflicts,
+                          drop_empty=cfg.drop_empty)  # bad input fails here
     model, tok = load(secs["model"], memit_cfg=secs["memit"])
     editor = make_editor(secs, model, tok, work_dir=cfg.out)  # run_edit / edit_in_rounds check the requests
     out = Path(cfg.out)

@@ -6,7 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
-from memit_pl.cli._common import load, make_editor, make_parser, parse, save_config
+from memit_pl.cli._common import add_selection_arguments, load, make_editor, make_parser, parse, save_config
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--edits", required=True, help="edits file (CounterFact JSON, zsRE JSON or JSONL)")
     parser.add_argument("--delta", default=None, help="run directory (or file) of a saved edit delta to evaluate")
     parser.add_argument("--out", default=None, help="output directory (default: RUN_DIR/eval with --delta)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N cases only")
+    add_selection_arguments(parser)
     parser.add_argument(
         "--reference_dir", default=None,
         help="directory with attribute_snippets.json, idf.npy, tfidf_vocab.json (enables the Reference Score)",
@@ -52,7 +52,8 @@ def main(argv: list[str]) -> int:
     from memit_pl.metrics import ReferenceData
     from memit_pl.stages.eval_report import headline_table, write_reports
 
-    requests = load_edits(cfg.edits, limit=cfg.limit)  # bad input fails here, before the model loads
+    requests = load_edits(cfg.edits, limit=cfg.limit, drop_conflicting=cfg.drop_conflicts,
+                          drop_empty=cfg.drop_empty)  # bad input fails here, before the model loads
     reference = ReferenceData.load(cfg.reference_dir) if cfg.reference_dir else None
     delta = load_delta(cfg.delta) if cfg.delta else None
     model, tok = load(secs["model"])

@@ -21,7 +21,8 @@ def main(argv: list[str]) -> int:
     cfg, secs = parse(parser, argv)
     from memit_pl.experiments.sweep import log_grid, scaling_sweep, write_sweep
 
-    requests = load_edits(cfg.edits, limit=cfg.limit, drop_conflicting=cfg.drop_conflicts)
+    requests = load_edits(cfg.edits, limit=cfg.limit, drop_conflicting=cfg.drop_conflicts,
+                          drop_empty=cfg.drop_empty)
     model, tok = load(secs["model"], memit_cfg=secs["memit"])
     out = Path(cfg.out)
     save_config(out, "sweep", secs, {"edits": str(cfg.edits), "limit": cfg.limit, "grid": cfg.grid,

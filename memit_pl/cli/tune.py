@@ -30,7 +30,8 @@ def main(argv: list[str]) -> int:
     from memit_pl.experiments.tune import default_windows, tune, write_tune
     from memit_pl.modeling.spec import get_spec
 
-    requests = load_edits(cfg.edits, limit=cfg.limit, drop_conflicting=cfg.drop_conflicts)
+    requests = load_edits(cfg.edits, limit=cfg.limit, drop_conflicting=cfg.drop_conflicts,
+                          drop_empty=cfg.drop_empty)
     model, tok = load(secs["model"], memit_cfg=secs["memit"])
     validate(requests, tok)
     out = Path(cfg.out)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from memit_pl.cli._common import load, make_editor, make_parser, parse, save_config
+from memit_pl.cli._common import add_selection_arguments, load, make_editor, make_parser, parse, save_config
 from memit_pl.data.edits import load_edits
 
 log = logging.getLogger(__name__)
@@ -15,13 +15,15 @@ def main(argv: list[str]) -> int:
     parser = make_parser(__doc__)
     parser.add_argument("--edits", required=True, help="edits file (CounterFact JSON, zsRE JSON or JSONL)")
     parser.add_argument("--out", required=True, help="z store directory (resumed when it exists)")
-    parser.add_argument("--limit", type=int | None, default=None, help="use only the first N edits")
+    add_selection_arguments(parser)
     cfg, secs = parse(parser, argv)
-    requests = load_edits(cfg.edits, limit=cfg.limit)  # bad input fails here, before the model loads
+    requests = load_edits(cfg.edits, limit=cfg.limit, drop_conflicting=cfg.drop_conflicts,
+                          drop_empty=cfg.drop_empty)  # bad input fails here, before the model loads
     model, tok = load(secs["model"], memit_cfg=secs["memit"])
     editor = make_editor(secs, model, tok, work_dir=cfg.out)
     editor.check(requests)
-    save_config(cfg.out, "z", secs, {"edits": str(cfg.edits), "limit": cfg.limit})
+    save_config(cfg.out, "z", secs, {"edits": str(cfg.edits), "limit": cfg.limit,
+                                     "drop_conflicts": cfg.drop_conflicts, "drop_empty": cfg.drop_empty})
     store = editor.zs(requests, store_dir=Path(cfg.out))
     t = store.tensors
     log.info(

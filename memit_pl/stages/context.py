@@ -1,7 +1,9 @@
-"""Context prefixes x_j for the z objective (Eqn. 16), sampled once from the model itself."""
+"""Context prefixes x_j for the z objective (Eqn. 16): sampled once from the model itself (the reference), or
+the openings of seeded sentences of the packaged Wikipedia sample (``memit.context_source: corpus``)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -50,5 +52,43 @@ def context_prefixes(
     for length, count in spec:
         chosen = [starts[i % len(starts)] for i in range(count)]
         for text in sample_text(model, tokenizer, chosen, int(length), generator=gen):
+            prefixes.append(text.replace("{", " ").replace("}", " ") + ". ")
+    return prefixes
+
+
+@functools.lru_cache(maxsize=4)
+def corpus_sentences(n: int = 4000, min_words: int = 8) -> tuple[str, ...]:
+    """The first ``n`` sentences of at least ``min_words`` words in the packaged Wikipedia sample, in order."""
+    import re
+
+    from memit_pl.data.wikipedia import iter_wikipedia_articles
+
+    out: list[str] = []
+    for article in iter_wikipedia_articles():
+        for para in article["text"].split("\n"):
+            for sent in re.split(r"(?<=[.!?])\s+", para.strip()):
+                if len(sent.split()) >= min_words and sent[:1].isupper():
+                    out.append(sent)
+                    if len(out) >= n:
+                        return tuple(out)
+    return tuple(out)
+
+
+def corpus_prefixes(tokenizer, spec: Sequence[Sequence[int]], seed: int = 0,
+                    sentences: Sequence[str] | None = None) -> list[str]:
+    """As :func:`context_prefixes`, but each prefix is the opening of a sentence of the packaged Wikipedia
+    sample (:func:`corpus_sentences`, chosen with ``seed``) cut to ``length`` tokens, ending in ". ": text
+    that reads as text, whatever the model would sample."""
+    import random
+
+    rng = random.Random(seed)
+    pool = list(sentences) if sentences is not None else corpus_sentences()
+    if not pool:
+        raise ValueError("no sentences to take context prefixes from")
+    prefixes = [""]
+    for length, count in spec:
+        for sent in rng.sample(pool, min(int(count), len(pool))):
+            ids = tokenizer(sent, add_special_tokens=False)["input_ids"][: int(length)]
+            text = tokenizer.decode(ids, skip_special_tokens=True).strip().rstrip(".,;:")
             prefixes.append(text.replace("{", " ").replace("}", " ") + ". ")
     return prefixes

@@ -22,7 +22,7 @@ from memit_pl.data.edits import EditRequest
 from memit_pl.modeling.loading import fingerprint, spread_over_devices
 from memit_pl.modeling.spec import get_spec
 from memit_pl.stages import runtime
-from memit_pl.stages.context import context_prefixes
+from memit_pl.stages.context import context_prefixes, corpus_prefixes
 from memit_pl.stages.zbatch import ZBatch, ZCollate, by_live_length
 from memit_pl.stages.zopt import ZResult, optimize_z
 from memit_pl.stages.zstore import ZStore, done_case_ids, load_store, merge, store_key, write_part
@@ -86,11 +86,18 @@ def load_or_sample_prefixes(model: nn.Module, tokenizer, memit: MemitConfig, sto
         import json
 
         saved = json.loads(path.read_text())
-        if saved["spec"] == memit.context_templates and saved["seed"] == memit.seed:
+        if (saved["spec"] == memit.context_templates and saved["seed"] == memit.seed
+                and saved.get("source", "model") == memit.context_source):
             return saved["prefixes"]
         raise ValueError(f"{path} holds prefixes for other context settings; use a new output directory")
-    prefixes = context_prefixes(model, tokenizer, memit.context_templates, memit.context_seeds, memit.seed)
-    io.write_json(path, {"spec": memit.context_templates, "seed": memit.seed, "prefixes": prefixes})
+    if memit.context_source == "corpus":
+        prefixes = corpus_prefixes(tokenizer, memit.context_templates, memit.seed)
+    else:
+        prefixes = context_prefixes(model, tokenizer, memit.context_templates, memit.context_seeds, memit.seed)
+    saved = {"spec": memit.context_templates, "seed": memit.seed, "prefixes": prefixes}
+    if memit.context_source != "model":  # the files of model-sampled prefixes stay as they were
+        saved["source"] = memit.context_source
+    io.write_json(path, saved)
     return prefixes
 
 

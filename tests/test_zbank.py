@@ -1,0 +1,46 @@
+"""bench/zbank.py: z optimised chunk by chunk in separate runs, banked, and seeded into a new run's store, is
+the store one run over all edits makes; a bank made under other settings is refused."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+import memit_pl.stages.zmodule as zm
+from bench import zbank
+from memit_pl import EditRequest
+
+FACTS = [("{} plays the sport of", "Michael Jordan", "soccer"), ("The capital of {} is", "France", "Rome"),
+         ("{} was a famous", "Mozart", "footballer"), ("{} is made by", "iPhone", "Nokia"),
+         ("The mother tongue of {} is", "Danielle Darrieux", "English")]
+
+
+def test_chunks_banked_in_separate_runs_seed_the_store_of_one_run(editor, tmp_path, monkeypatch):
+    reqs = [EditRequest.of(p, s, o) for p, s, o in FACTS]
+    whole = editor.zs(reqs, store_dir=tmp_path / "whole")
+    bank = tmp_path / "bank"
+    for first, end, secs in ((0, 2, 10.0), (2, 5, 30.0)):  # two sessions, two chunks
+        d = tmp_path / f"chunk{first}"
+        zbank.seed(d, bank, parts=False)
+        store = editor.zs(reqs[first:end], store_dir=d)
+        zbank.add_chunk(bank, store, [r.case_id for r in reqs[first:end]], first, secs, "float32")
+    idx = zbank.read_index(bank)
+    assert [(c["first"], c["n"]) for c in idx["chunks"]] == [(0, 2), (2, 3)] and idx["n_edits"] == 5
+    assert zbank.banked_positions(bank) == set(range(5))
+    assert zbank.banked_seconds(bank, 3) == pytest.approx(10.0 + 30.0 / 3)
+
+    calls = []
+    real = zm.optimize_z
+    monkeypatch.setattr(zm, "optimize_z", lambda *a, **k: calls.append(1) or real(*a, **k))
+    run = tmp_path / "run"
+    assert zbank.seed(run, bank) == 2
+    seeded = editor.zs(reqs, store_dir=run)
+    assert calls == []  # nothing optimised again
+    ids = [r.case_id for r in reqs]
+    torch.testing.assert_close(seeded.z_for(ids), whole.z_for(ids), rtol=1e-4, atol=1e-5)
+
+    other = replace(editor.memit, v_lr=editor.memit.v_lr * 2)  # another objective: another store key
+    run2 = tmp_path / "run2"
+    zbank.seed(run2, bank)
+    with pytest.raises(ValueError, match="computed with another model, layer, objective"):
+        editor.zs(reqs, other, store_dir=run2)
