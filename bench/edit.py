@@ -91,6 +91,8 @@ def main() -> None:
         n = summary["n_edits"]
         if args.zbank:
             banked_s = zbank.banked_seconds(bank, n)
+            if banked_s is None:
+                raise SystemExit(f"{bank}: a chunk of the first {n} cases has no clean time; total_s would be wrong")
         t = dict(summary["timings"])
         t["z_s"] = t["z_s"] + banked_s
         runs.append({

@@ -66,7 +66,7 @@ def seed(store_dir: str | Path, bank: str | Path, parts: bool = True) -> int:
     return n
 
 
-def add_chunk(bank: Path, store, ids: list[str], first: int, seconds: float, compute_dtype: str) -> Path:
+def add_chunk(bank: Path, store, ids: list[str], first: int, seconds: float | None, compute_dtype: str) -> Path:
     """Write the rows ``ids`` of a merged z store into the bank as one chunk file, and index it."""
     from memit_pl import io
     from memit_pl.stages.zmodule import CONTEXT_FILE
@@ -87,20 +87,28 @@ def add_chunk(bank: Path, store, ids: list[str], first: int, seconds: float, com
     idx = read_index(bank)
     idx["chunks"] = [c for c in idx["chunks"] if c["file"] != f"{PARTS}/{name}.safetensors"]
     idx["chunks"].append({"file": f"{PARTS}/{name}.safetensors", "first": first, "n": len(ids),
-                          "seconds": round(seconds, 1), "s_per_edit": round(seconds / len(ids), 4),
+                          "seconds": None if seconds is None else round(seconds, 1),
+                          "s_per_edit": None if seconds is None else round(seconds / len(ids), 4),
                           "git_commit": record.git_commit(), "device": record.device(), "compute_dtype": compute_dtype,
                           "date": time.strftime("%Y-%m-%d"), "key": store.metadata["key"]})
     idx["chunks"].sort(key=lambda c: c["first"])
     idx["n_edits"] = sum(c["n"] for c in idx["chunks"])
-    idx["seconds"] = round(sum(c["seconds"] for c in idx["chunks"]), 1)
+    timed = [c["seconds"] for c in idx["chunks"] if c["seconds"] is not None]
+    idx["seconds"] = round(sum(timed), 1)
+    idx["n_edits_timed"] = sum(c["n"] for c in idx["chunks"] if c["seconds"] is not None)
     io.write_json(bank / INDEX, idx)
     return path
 
 
-def banked_seconds(bank: Path, n: int) -> float:
+def banked_seconds(bank: Path, n: int) -> float | None:
     """The z seconds the bank's chunks spent on the file's first ``n`` cases (a chunk that straddles ``n``
-    pro rata)."""
-    return sum(c["s_per_edit"] * max(0, min(n, c["first"] + c["n"]) - c["first"]) for c in read_index(bank)["chunks"])
+    pro rata); None when one of those chunks was banked without a clean time (``--import-store`` without
+    ``--seconds``)."""
+    used = [(c, max(0, min(n, c["first"] + c["n"]) - c["first"])) for c in read_index(bank)["chunks"]]
+    used = [(c, k) for c, k in used if k > 0]
+    if any(c["s_per_edit"] is None for c, _ in used):
+        return None
+    return sum(c["s_per_edit"] * k for c, k in used)
 
 
 def banked_positions(bank: Path) -> set[int]:
@@ -116,7 +124,8 @@ def main() -> None:
     ap.add_argument("--config", default=str(ROOT / "configs/smollm2-135m.yaml"))
     ap.add_argument("--import-store", default=None,
                     help="instead: bank an existing z store directory (its rows that are the file's first cases)")
-    ap.add_argument("--seconds", type=float, default=None, help="with --import-store: the z seconds it took")
+    ap.add_argument("--seconds", type=float, default=None,
+                    help="with --import-store: the z seconds it took, measured alone (leave out if not)")
     ap.add_argument("--work", default="runs/zbank")
     args = ap.parse_args()
     record.preflight("bench.zbank", args)
@@ -140,7 +149,7 @@ def main() -> None:
         if first == 0:
             raise SystemExit(f"{args.import_store} holds none of the file's first cases")
         ids = [r.case_id for r in requests[:first]]
-        secs = args.seconds if args.seconds is not None else float("nan")
+        secs = args.seconds  # None: no clean time (the chunk's rows still serve; its seconds do not)
         path = add_chunk(bank, store, ids, 0, secs, cfg.model.compute_dtype)
         print(f"banked the first {first} cases as {path.relative_to(ROOT)}")
         return

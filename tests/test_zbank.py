@@ -44,3 +44,14 @@ def test_chunks_banked_in_separate_runs_seed_the_store_of_one_run(editor, tmp_pa
     zbank.seed(run2, bank)
     with pytest.raises(ValueError, match="computed with another model, layer, objective"):
         editor.zs(reqs, other, store_dir=run2)
+
+
+def test_a_chunk_banked_without_a_clean_time_has_no_seconds(editor, tmp_path):
+    reqs = [EditRequest.of(p, s, o) for p, s, o in FACTS[:3]]
+    store = editor.zs(reqs, store_dir=tmp_path / "z")
+    bank = tmp_path / "bank"
+    zbank.add_chunk(bank, store, [r.case_id for r in reqs[:2]], 0, None, "float32")
+    zbank.add_chunk(bank, store, [reqs[2].case_id], 2, 6.0, "float32")
+    assert zbank.banked_seconds(bank, 3) is None and zbank.banked_seconds(bank, 2) is None
+    idx = zbank.read_index(bank)
+    assert idx["n_edits"] == 3 and idx["n_edits_timed"] == 1 and idx["seconds"] == 6.0
