@@ -80,19 +80,14 @@ def main() -> None:
                 raise SystemExit(f"{out} exists: its z store would be resumed, not timed; pass --fresh")
             shutil.rmtree(out)
         banked_s = 0.0
-        if args.zbank:
+        if args.zbank:  # the seconds of the banked chunks among the first n (kept) cases
             from bench import zbank
 
-            bank = zbank.bank_dir(_model_name(args.config))
-            print(f"z: {zbank.seed(out / 'z', bank)} chunk files seeded from {bank}", flush=True)
+            banked_s = zbank.seed_run(out / "z", _model_name(args.config), n)
         wall, rss = run_measured(cli() + ["edit", *common, "--edits", args.edits, "--limit", str(n),
                                           "--drop_conflicts", "true", "--out", str(out)])
         summary = json.loads((out / "summary.json").read_text())
         n = summary["n_edits"]
-        if args.zbank:
-            banked_s = zbank.banked_seconds(bank, n)
-            if banked_s is None:
-                raise SystemExit(f"{bank}: a chunk of the first {n} cases has no clean time; total_s would be wrong")
         t = dict(summary["timings"])
         t["z_s"] = t["z_s"] + banked_s
         runs.append({

@@ -91,12 +91,8 @@ def main() -> None:
                 from bench import zbank
                 from memit_pl.modeling.loading import fingerprint
 
-                bank = zbank.bank_dir(cfg.model.name)
                 store_dir = editor.work_dir / f"z-L{memit.target_layer}-{fingerprint(editor.model)}"
-                logging.info("z: %d chunk files seeded from %s", zbank.seed(store_dir, bank), bank.relative_to(ROOT))
-                banked_s = zbank.banked_seconds(bank, n)
-                if banked_s is None:
-                    raise SystemExit(f"{bank}: a chunk of the first {n} cases has no clean time; seconds would be wrong")
+                banked_s = zbank.seed_run(store_dir, cfg.model.name, n)
             t = time.perf_counter()
             editor.zs(requests, memit)
             z_s = time.perf_counter() - t + banked_s

@@ -68,22 +68,21 @@ def seed(store_dir: str | Path, bank: str | Path, parts: bool = True) -> int:
 
 def add_chunk(bank: Path, store, ids: list[str], first: int, seconds: float | None, compute_dtype: str) -> Path:
     """Write the rows ``ids`` of a merged z store into the bank as one chunk file, and index it."""
+    import torch
+
     from memit_pl import io
-    from memit_pl.stages.zmodule import CONTEXT_FILE
+    from memit_pl.stages.zmodule import CONTEXT_FILE, prefixes_record
     from memit_pl.stages.zstore import FIELDS, PARTS, write_part
 
     index = {c: i for i, c in enumerate(store.case_ids)}
-    import torch
-
     rows = torch.tensor([index[c] for c in ids])
     name = f"chunk-{first:05d}-{first + len(ids):05d}"
     path = write_part(bank, name, ids, {f: store.tensors[f][rows].contiguous() for f in FIELDS}, store.metadata["key"])
     if not (bank / CONTEXT_FILE).exists():
         memit = store.metadata["memit"]
-        saved = {"spec": memit["context_templates"], "seed": memit["seed"], "prefixes": store.metadata["prefixes"]}
-        if memit.get("context_source", "model") != "model":
-            saved["source"] = memit["context_source"]
-        io.write_json(bank / CONTEXT_FILE, saved)
+        io.write_json(bank / CONTEXT_FILE, prefixes_record(memit["context_templates"], memit["seed"],
+                                                           memit.get("context_source", "model"),
+                                                           store.metadata["prefixes"]))
     idx = read_index(bank)
     idx["chunks"] = [c for c in idx["chunks"] if c["file"] != f"{PARTS}/{name}.safetensors"]
     idx["chunks"].append({"file": f"{PARTS}/{name}.safetensors", "first": first, "n": len(ids),
@@ -109,6 +108,18 @@ def banked_seconds(bank: Path, n: int) -> float | None:
     if any(c["s_per_edit"] is None for c, _ in used):
         return None
     return sum(c["s_per_edit"] * k for c, k in used)
+
+
+def seed_run(store_dir: str | Path, model: str, n: int) -> float:
+    """Seed a benchmark's z store from the bank of ``model``; returns the banked chunks' seconds for the first
+    ``n`` cases, which the benchmark adds to its own z seconds (stops when one of them has no clean time)."""
+    bank = bank_dir(model)
+    logging.info("z: %d chunk files seeded from %s", seed(store_dir, bank), bank.relative_to(ROOT))
+    secs = banked_seconds(bank, n)
+    if secs is None:
+        raise SystemExit(f"{bank.relative_to(ROOT)}: a chunk of the first {n} cases has no clean time; "
+                         "the z seconds would be wrong")
+    return secs
 
 
 def banked_positions(bank: Path) -> set[int]:

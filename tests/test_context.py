@@ -8,7 +8,6 @@ import pytest
 from memit_pl import MemitConfig
 from memit_pl.stages.context import context_prefixes, corpus_prefixes
 from memit_pl.stages.zmodule import CONTEXT_FILE, load_or_sample_prefixes
-
 from tests.support.tiny import CORPUS
 
 SENTENCES = [s for text in CORPUS for s in text.split(". ")]  # words the tiny tokenizer knows

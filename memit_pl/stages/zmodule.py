@@ -94,11 +94,16 @@ def load_or_sample_prefixes(model: nn.Module, tokenizer, memit: MemitConfig, sto
         prefixes = corpus_prefixes(tokenizer, memit.context_templates, memit.seed)
     else:
         prefixes = context_prefixes(model, tokenizer, memit.context_templates, memit.context_seeds, memit.seed)
-    saved = {"spec": memit.context_templates, "seed": memit.seed, "prefixes": prefixes}
-    if memit.context_source != "model":  # the files of model-sampled prefixes stay as they were
-        saved["source"] = memit.context_source
-    io.write_json(path, saved)
+    io.write_json(path, prefixes_record(memit.context_templates, memit.seed, memit.context_source, prefixes))
     return prefixes
+
+
+def prefixes_record(spec, seed: int, source: str, prefixes: list[str]) -> dict:
+    """The contents of ``context_prefixes.json``: what :func:`load_or_sample_prefixes` checks on a resume."""
+    saved = {"spec": spec, "seed": seed, "prefixes": prefixes}
+    if source != "model":  # the files of model-sampled prefixes stay as they were
+        saved["source"] = source
+    return saved
 
 
 def compute_zs(
