@@ -79,6 +79,29 @@ def test_keys_are_averaged_per_context_group(make_model, tok):
         torch.testing.assert_close(keys[e], expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3_text"])
+def test_keys_below_l_and_h_in_two_passes_equal_one_full_pass(make_model, tok, family):
+    """Below L the prefixed rows stop at layer l and only the bare prompts go on to block L: the same k,
+    h^L and W k as one pass of every row through block L (the reference's form)."""
+    model = make_model(family)
+    spec = get_spec(model)
+    prefixes = ["", "One two. ", "Three four five. "]
+    batch = KeyCollate(tok, prefixes, prefix_groups([[3, 2]]))(REQUESTS)
+    key_name, h_name = spec.name("mlp_out", 0), spec.name("block", 2)
+    with torch.no_grad(), trace(model, [key_name, h_name], inputs=True) as tr:
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    rows = torch.arange(len(batch.lookup))
+    want_k = tr[key_name].input[rows, batch.lookup].view(len(REQUESTS), 3, -1)
+    want_k = (want_k[:, 0] + want_k[:, 1:].mean(1)) / 2
+    want_m = tr[key_name].output[rows, batch.lookup].view(len(REQUESTS), 3, -1)
+    want_m = (want_m[:, 0] + want_m[:, 1:].mean(1)) / 2
+    want_h = tr[h_name].output[batch.init_rows, batch.lookup[batch.init_rows]]
+    keys, h, m = keys_and_h(model, spec, batch, 0, 2, mlp_out=True)
+    torch.testing.assert_close(keys, want_k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m, want_m, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h, want_h, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
 def test_update_moves_h_toward_z(edited, family):
     """After the update, h^L is much closer to z (gpt2: a transposed Conv1D weight)."""

@@ -99,19 +99,29 @@ class KeyCollate:
 @torch.no_grad()
 def keys_and_h(model: nn.Module, spec: ModelSpec, batch: KeyBatch, layer: int, target_layer: int,
                mlp_out: bool = False) -> tuple[Tensor, ...]:
-    """(k [n_edits, d_key], h^L [n_edits, d_model]) for one batch; the pass stops after block L.
+    """(k [n_edits, d_key], h^L [n_edits, d_model]) for one batch.
     With ``mlp_out``, also the output projection's output W k [n_edits, d_model], averaged as k.
 
     Keys are averaged within each context-prefix group, then over groups (as the reference's
-    ``compute_ks``); h^L is read on the bare prompt.
+    ``compute_ks``); h^L is read on the bare prompt. Below L that takes two passes: every row stops at
+    layer l's output projection, and only the bare prompts (one row in 1 + #prefixes) go on to block L,
+    on the same padded columns (so each row sees exactly the positions of the one-pass form).
     """
     key_name, h_name = spec.name("mlp_out", layer), spec.name("block", target_layer)
-    with trace(model, [key_name, h_name], inputs=True, outputs=True, stop=True) as tr:
+    names = [key_name, h_name] if layer == target_layer else [key_name]
+    with trace(model, names, inputs=True, outputs=True, stop=True) as tr:
         model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     rows = torch.arange(batch.input_ids.shape[0])
     lookup = batch.lookup.to(tr[key_name].input.device)
-    h_out = tr[h_name].output
-    h = h_out[batch.init_rows.to(h_out.device), batch.lookup[batch.init_rows].to(h_out.device)].float()
+    init = batch.init_rows.to(batch.input_ids.device)
+    if layer == target_layer:
+        h_out = tr[h_name].output
+        h = h_out[batch.init_rows.to(h_out.device), batch.lookup[batch.init_rows].to(h_out.device)].float()
+    else:
+        with trace(model, [h_name], outputs=True, stop=True) as th:
+            model(input_ids=batch.input_ids[init], attention_mask=batch.attention_mask[init], use_cache=False)
+        h_out = th[h_name].output
+        h = h_out[torch.arange(len(init), device=h_out.device), batch.lookup[batch.init_rows].to(h_out.device)].float()
     keys = _edit_means(batch, tr[key_name].input[rows, lookup].float())
     if not mlp_out:
         return keys, h.cpu()
