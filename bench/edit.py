@@ -11,7 +11,8 @@ the peak of this run (the banked chunks ran with at most 320 edits in memory).
 
 Each N runs the real command in its own process (statistics from the cache, warmed first by
 `memit-pl stats`; z optimised from scratch; the ascending-layer update; save_pretrained; the top-1
-efficacy check) so that its peak RSS is its own. Stage times come from the run's summary.json.
+efficacy check) so that its peak RSS is its own. Stage times and each stage's peak RSS
+(``stages_peak_rss_mb``: statistics, z, apply, save) come from the run's summary.json.
 Writes bench/results/edit.json (the schema of bench/record.py); the run directories (with their z
 stores, reusable by `sweep`, `tune --z_dir`, bench/corpus.py and the experiments under
 bench/experiments/) stay under --out-dir (default <cache>/runs/bench-edit, i.e.
@@ -99,6 +100,7 @@ def main() -> None:
             "z_s_per_edit": round(t["z_s"] / n, 3),
             "other_s": round(wall + banked_s - sum(t.values()), 1),
             "peak_rss_mb": round(rss, 1),
+            "stages_peak_rss_mb": summary.get("peak_rss_mb"),
             "top1_new_before": summary["top1_new_before"],
             "top1_new_after": summary["top1_new_after"],
             "z_mean_steps": round(summary["z_mean_steps"], 2),

@@ -14,6 +14,7 @@ z store, the per-layer factors and FT-W's delta are resumed from ``--work``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import resource
@@ -30,6 +31,7 @@ from memit_pl.config import Config, TrainerConfig  # noqa: E402
 from memit_pl.data.edits import load_edits  # noqa: E402
 from memit_pl.editor import MEMIT  # noqa: E402
 from memit_pl.experiments.sweep import row  # noqa: E402
+from memit_pl.stages.meter import StageMeter  # noqa: E402
 
 METHODS = ("unedited", "ft", "rome", "memit", "alphaedit")
 
@@ -73,6 +75,7 @@ def main() -> None:
     stats_s = time.perf_counter() - t
     z_s = None
     unedited = None
+    meter = StageMeter()  # the shared z stage
     for method in methods:
         if method in done:
             logging.info("%s at n=%d: kept from %s", method, n, out)
@@ -93,17 +96,21 @@ def main() -> None:
 
                 store_dir = editor.work_dir / f"z-L{memit.target_layer}-{fingerprint(editor.model)}"
                 banked_s = zbank.seed_run(store_dir, cfg.model.name, n)
-            t = time.perf_counter()
-            editor.zs(requests, memit)
-            z_s = time.perf_counter() - t + banked_s
-        t = time.perf_counter()
-        with editor.edited(requests, memit) as delta:
-            update_s = time.perf_counter() - t
-            result = editor.evaluate(requests)
+            with meter("z"):
+                editor.zs(requests, memit)
+            z_s = meter.timings["z_s"] + banked_s
+        stage = StageMeter()
+        with contextlib.ExitStack() as edited:
+            with stage("update"):
+                delta = edited.enter_context(editor.edited(requests, memit))
+            with stage("eval"):
+                result = editor.evaluate(requests)
+        update_s = stage.timings["update_s"]
         own = update_s + (z_s if method != "ft" else 0.0)
+        peaks = {**({} if method == "ft" else {"z": meter.peak_rss_mb.get("z")}), **stage.peak_rss_mb}
         rows.append(row(n, result, unedited, method=method, n_edits=n, seconds=round(own, 1),
                         z_s=None if method == "ft" else round(z_s, 1), update_s=round(update_s, 1),
-                        layers=delta.layers, settings=_settings(cfg, method, overrides),
+                        peak_rss_mb=peaks, layers=delta.layers, settings=_settings(cfg, method, overrides),
                         **({k: delta.metadata[k] for k in ("ft_steps", "ft_final_nll")} if method == "ft" else {})))
         logging.info("%s: %s", method, rows[-1])
         _write(out, rows, args, cfg, editor, stats_s)

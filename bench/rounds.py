@@ -6,6 +6,8 @@ model, MEMIT-in-rounds against AlphaEdit, all edits so far evaluated every K rou
 
 Each method is one `memit-pl edit --round_size R --evaluate_every K` run in its own process, resumable
 between rounds from its run directory under ``--work`` (re-run the same command after an interruption).
+A method already in ``--out`` under the same protocol (N, round size, K) is kept when another is run
+(``--methods alphaedit`` after ``--methods memit``), so the two can be measured in separate sessions.
 Writes the rows of both (``method``, ``edits_so_far``, ES, PS, NS, GE and EasyEdit's metrics) to ``--out``
 (the schema of bench/record.py) and plots them against the number of edits so far (``rounds.png`` beside it).
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,8 +40,14 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench/results/methods/rounds.json"))
     args = ap.parse_args()
     record.preflight("bench.rounds", args)
-    rows, runs = [], {}
-    for method in [m for m in args.methods.split(",") if m]:
+    out_path = Path(args.out)
+    old = json.loads(out_path.read_text()) if out_path.exists() else {}
+    same = (old.get("n_edits"), old.get("round_size"), old.get("evaluate_every")) == (args.n, args.round_size, args.every)
+    methods = [m for m in args.methods.split(",") if m]
+    # a method measured earlier under the same protocol is kept: each method can run in its own session
+    rows = [r for r in old.get("rows", []) if same and r["method"] not in methods]
+    runs = {m: r for m, r in old.get("runs", {}).items() if same and m not in methods}
+    for method in methods:
         out = Path(args.work) / method
         wall, rss = run_measured(cli() + [
             "edit", "--config", args.config, "--edits", args.edits, "--limit", str(args.n), "--drop_conflicts", "true",
@@ -48,7 +57,13 @@ def main() -> None:
         got = json.loads((out / "rounds.json").read_text())
         rows += got["rows"]
         runs[method] = {"wall_s": round(wall, 1), "peak_rss_mb": round(rss, 1), "layers": got["layers"],
-                        "compute_dtype": got["compute_dtype"]}
+                        "compute_dtype": got["compute_dtype"], "git_commit": record.git_commit(),
+                        "device": record.device(), "date": time.strftime("%Y-%m-%d")}
+        _write(args, rows, runs)
+
+
+def _write(args, rows: list[dict], runs: dict) -> None:
+    """The record of every method measured so far (each method's own commit, device and date in ``runs``)."""
     from memit_pl.experiments.sweep import plot_rows
 
     figures = {"rows": rows, "n_edits": args.n, "round_size": args.round_size, "evaluate_every": args.every,

@@ -132,6 +132,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=10_000, help="bank the first N cases (Eqn. 5 conflicts dropped)")
     ap.add_argument("--chunk", type=int, default=320, help="edits per chunk file (a multiple of z_batch_size)")
     ap.add_argument("--minutes", type=float, default=40.0, help="start no new chunk after this many minutes")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="edits per z batch (default: the config's z_batch_size; z does not depend on it)")
     ap.add_argument("--config", default=str(ROOT / "configs/smollm2-135m.yaml"))
     ap.add_argument("--import-store", default=None,
                     help="instead: bank an existing z store directory (its rows that are the file's first cases)")
@@ -149,6 +151,8 @@ def main() -> None:
 
     cfg = Config.from_file(args.config)
     cfg = replace(cfg, trainer=TrainerConfig(enable_progress_bar=False))
+    if args.batch:
+        cfg = replace(cfg, memit=replace(cfg.memit, z_batch_size=args.batch))
     bank = bank_dir(cfg.model.name)
     if args.import_store:
         store = load_store(args.import_store)

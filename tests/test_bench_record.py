@@ -48,3 +48,39 @@ def test_the_methods_benchmark_reads_per_method_settings():
     assert methods._settings(cfg, "ft", got)["ft_layer"] == 3
     assert methods._settings(cfg, "memit", got) == {"layers": cfg.memit.layers, "mom2_update_weight": cfg.memit.mom2_update_weight}
     assert methods._settings(cfg, "unedited", got) is None
+
+
+def test_the_methods_benchmark_end_to_end_on_a_tiny_model(tiny_dir, tmp_path, monkeypatch):
+    """bench.methods on a tiny Llama: the rows the checks read, each stage's seconds and peak memory, and a
+    re-run keeping the rows it already has."""
+    import json
+    import sys
+
+    from bench import methods
+    from tests.test_evaluate import cf_requests, counterfact_file
+
+    d, corpus = tiny_dir
+    edits = counterfact_file(tmp_path / "cf.json", cf_requests())
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(f"model: {{name: {d}, device: cpu, cache_dir: {tmp_path / 'cache'}}}\n"
+                   "memit: {layers: [1, 2], v_num_grad_steps: 2, z_batch_size: 2, context_templates: [[3, 1]]}\n"
+                   f"stats: {{corpus: {corpus}, n_samples: 16, seq_len: 16}}\n"
+                   "eval: {batch_size: 16, generation_length: 4}\n")
+    out = tmp_path / "table2.json"
+    monkeypatch.setattr(sys, "argv", ["methods", "--edits", str(edits), "--n", "2", "--config", str(cfg),
+                                      "--methods", "unedited,rome,memit", "--ge-cases", "1",
+                                      "--work", str(tmp_path / "work"), "--out", str(out)])
+    monkeypatch.setattr(methods.record, "preflight", lambda *a, **k: None)  # tmp paths are machine paths
+    monkeypatch.setattr(methods.record, "write", lambda path, rec: path.write_text(json.dumps(rec)))
+    methods.main()
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["unedited", "rome", "memit"]
+    for r in rows:
+        assert r["n_edits"] == 2 and all(r[k] is not None for k in ("ES", "PS", "NS", "GE", "seconds"))
+    rome, memit = rows[1], rows[2]
+    assert rome["z_s"] == memit["z_s"] > 0  # one z stage, shared
+    assert memit["seconds"] == pytest.approx(memit["z_s"] + memit["update_s"], abs=0.11)
+    assert set(memit["peak_rss_mb"]) == {"z", "update", "eval"} and min(memit["peak_rss_mb"].values()) > 50
+    assert rome["layers"] == [2] and memit["layers"] == [1, 2]
+    methods.main()  # everything kept
+    assert json.loads(out.read_text())["rows"] == rows

@@ -162,6 +162,8 @@ def test_the_edit_command_takes_every_method(tiny_dir, tmp_path, method, layers)
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == method and summary["layers"] == layers
+    stages = ["ft"] if method == "ft" else ["stats", "z", "apply"]
+    assert list(summary["peak_rss_mb"]) == [*stages, "save"] and list(summary["timings"]) == [f"{s}_s" for s in [*stages, "save"]]
     assert (out / "model" / "config.json").exists()
     from memit_pl import EditDelta
 

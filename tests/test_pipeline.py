@@ -56,6 +56,9 @@ def test_edit_apply_delta_revert_and_split_stages(setup, tmp_path, capsys):
         assert (out / name).exists(), name
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_edits"] == 3 and summary["resid_norm_after"] < summary["resid_norm_before"]
+    assert list(summary["timings"]) == ["stats_s", "z_s", "apply_s", "save_s"]
+    assert set(summary["peak_rss_mb"]) == {"stats", "z", "apply", "save"} and summary["rss_source"] == "sampled"
+    assert all(50 < v < 24_000 for v in summary["peak_rss_mb"].values())  # a real process's MB, not bytes or KiB
     assert "memit:" in (out / "config.yaml").read_text()
 
     original = AutoModelForCausalLM.from_pretrained(model_dir)

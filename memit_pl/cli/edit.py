@@ -53,11 +53,13 @@ def run(cfg, secs, command: str) -> int:
     after = predictions(model, tok, requests)
     names = {"stats_s": "statistics", "z_s": "z", "apply_s": "apply", "ft_s": "fine-tuning", "save_s": "save"}
     stages = " s, ".join(f"{names[k]} {v:.1f}" for k, v in summary["timings"].items() if k in names)
+    peaks = ", ".join(f"{names[k + '_s']} {v / 1024:.1f}" for k, v in summary.get("peak_rss_mb", {}).items()
+                      if k + "_s" in names)
     sys.stdout.write(
         table(requests, before, after)
         + f"\n\n{len(requests)} edits in one batch, layers {summary['layers']}: new object is the top-1 "
         f"prediction for {100 * summary['top1_new_before']:.0f}% -> {100 * summary['top1_new_after']:.0f}% "
-        f"of the rewrite prompts\nstages: {stages} s; outputs in {out}\n"
+        f"of the rewrite prompts\nstages: {stages} s; peak resident memory: {peaks} GB; outputs in {out}\n"
     )
     return 0
 

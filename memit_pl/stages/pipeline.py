@@ -4,7 +4,6 @@ a run directory (delta, per-layer factors, ``summary.json``, optionally the edit
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from memit_pl import io
 from memit_pl.config import MemitConfig, StatsConfig
 from memit_pl.data.edits import EditRequest, target_ids
 from memit_pl.modeling.loading import fingerprint
+from memit_pl.stages.meter import StageMeter
 
 log = logging.getLogger(__name__)
 
@@ -63,24 +63,27 @@ def apply_stage(
     previous: Sequence[str | Path] = (),
     save_model: bool = True,
     config_dump: dict[str, Any] | None = None,
+    meter: StageMeter | None = None,
 ) -> dict[str, Any]:
     """Statistics (cached) and the ascending-layer update of a :class:`memit_pl.MEMIT` from a z store; writes
-    the delta, ``summary.json`` and (optionally) the edited model into ``out_dir``; returns the summary."""
+    the delta, ``summary.json`` and (optionally) the edited model into ``out_dir``; returns the summary.
+    ``meter``: the run's stage meter, when earlier stages (statistics, z) were measured by the caller."""
     from memit_pl.stages.apply import residual_norms
 
     model, tokenizer, memit = editor.model, editor.tokenizer, editor.memit
     out_dir = Path(out_dir)
     fp_before = fingerprint(model)
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-    editor.covariances(memit.layers)
-    timings["stats_s"] = time.perf_counter() - t
+    meter = meter or StageMeter()
+    if "stats" in meter:
+        editor.covariances(memit.layers)
+    else:
+        with meter("stats"):
+            editor.covariances(memit.layers)
     prev = previous_keys(previous, memit.layers) if previous else None
     with editor.autocast():
         resid_before = residual_norms(model, tokenizer, requests, store, memit)
-    t = time.perf_counter()
-    delta = editor.apply(requests, store, out_dir=out_dir, prev_keys=prev, prev_ids=[str(p) for p in previous])
-    timings["apply_s"] = time.perf_counter() - t
+    with meter("apply"):
+        delta = editor.apply(requests, store, out_dir=out_dir, prev_keys=prev, prev_ids=[str(p) for p in previous])
     with editor.autocast():
         resid_after = residual_norms(model, tokenizer, requests, store, memit)
     delta.metadata.update({"fingerprint": fp_before, "memit": vars(memit), "config": config_dump or {}})
@@ -97,17 +100,17 @@ def apply_stage(
         "resid_norm_after": float(resid_after.mean()),
         "z_mean_loss": float(store.tensors["loss"].mean()),
         "z_mean_steps": float(store.tensors["steps"].float().mean()),
-        "timings": timings,
     }
-    return _save(editor, out_dir, summary, save_model)
+    return _save(editor, out_dir, summary, save_model, meter)
 
 
-def _save(editor, out_dir: Path, summary: dict[str, Any], save_model: bool) -> dict[str, Any]:
-    """The edited model (``save_pretrained``, timed into the summary) if asked for, then ``summary.json``."""
+def _save(editor, out_dir: Path, summary: dict[str, Any], save_model: bool, meter: StageMeter) -> dict[str, Any]:
+    """The edited model (``save_pretrained``, measured) if asked for, then ``summary.json`` with the stages'
+    seconds (``timings``) and peak memory."""
     if save_model:
-        t = time.perf_counter()
-        editor.save_pretrained(out_dir / "model")
-        summary["timings"]["save_s"] = time.perf_counter() - t
+        with meter("save"):
+            editor.save_pretrained(out_dir / "model")
+    summary.update(timings=dict(meter.timings), **meter.memory())
     io.write_json(out_dir / "summary.json", summary)
     return summary
 
@@ -116,16 +119,15 @@ def _finetune_stage(editor, requests: Sequence[EditRequest], out_dir: Path, save
                     config_dump: dict[str, Any] | None) -> dict[str, Any]:
     """FT-W (``memit.method: ft``): no statistics and no z; the delta, ``summary.json``, the edited model."""
     fp_before = fingerprint(editor.model)
-    t = time.perf_counter()
-    delta = editor.edit(requests)
-    timings = {"ft_s": time.perf_counter() - t}
+    meter = StageMeter()
+    with meter("ft"):
+        delta = editor.edit(requests)
     delta.metadata.update({"fingerprint": fp_before, "config": config_dump or {}})
     delta.save(out_dir)
     summary = {"n_edits": len(requests), "method": "ft", "layers": delta.layers, "compute_dtype": editor.compute_dtype,
                "delta_norm": {str(layer): float(delta.dense(layer).norm()) for layer in delta.layers},
-               "ft_steps": delta.metadata["ft_steps"], "ft_final_nll": delta.metadata["ft_final_nll"],
-               "timings": timings}
-    return _save(editor, out_dir, summary, save_model)
+               "ft_steps": delta.metadata["ft_steps"], "ft_final_nll": delta.metadata["ft_final_nll"]}
+    return _save(editor, out_dir, summary, save_model, meter)
 
 
 def run_edit(
@@ -149,15 +151,13 @@ def run_edit(
     if editor.memit.method == "ft":
         summary = _finetune_stage(editor, requests, out_dir, save_model, config_dump)
     else:
-        t = time.perf_counter()
-        editor.covariances()  # statistics first: they are cached and needed by the apply stage anyway
-        stats_s = time.perf_counter() - t
-        t = time.perf_counter()
-        store = editor.zs(requests, store_dir=z_dir or out_dir / "z", config_dump=config_dump)
-        z_s = time.perf_counter() - t
+        meter = StageMeter()
+        with meter("stats"):  # statistics first: they are cached and needed by the apply stage anyway
+            editor.covariances()
+        with meter("z"):
+            store = editor.zs(requests, store_dir=z_dir or out_dir / "z", config_dump=config_dump)
         summary = apply_stage(editor, requests, store, out_dir, previous=previous, save_model=save_model,
-                              config_dump=config_dump)
-        summary["timings"].update({"stats_s": stats_s, "z_s": z_s})
+                              config_dump=config_dump, meter=meter)
     with editor.autocast():
         after = efficacy_top1(model, tokenizer, requests)
     summary["top1_new_before"] = sum(before) / len(before)
