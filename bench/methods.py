@@ -19,7 +19,6 @@ import json
 import logging
 import resource
 import sys
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -70,12 +69,12 @@ def main() -> None:
     done = {r["method"]: r for r in old.get("rows", []) if r.get("n_edits") == n and r["method"] in methods
             and r.get("settings") == _settings(cfg, r["method"], overrides)}
 
-    t = time.perf_counter()
-    editor.covariances(cfg.memit.layers)
-    stats_s = time.perf_counter() - t
+    meter = StageMeter()  # the statistics and the shared z stage
+    with meter("stats"):
+        editor.covariances(cfg.memit.layers)
+    stats_s = meter.timings["stats_s"]
     z_s = None
     unedited = None
-    meter = StageMeter()  # the shared z stage
     for method in methods:
         if method in done:
             logging.info("%s at n=%d: kept from %s", method, n, out)

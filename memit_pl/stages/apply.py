@@ -113,15 +113,14 @@ def keys_and_h(model: nn.Module, spec: ModelSpec, batch: KeyBatch, layer: int, t
         model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     rows = torch.arange(batch.input_ids.shape[0])
     lookup = batch.lookup.to(tr[key_name].input.device)
-    init = batch.init_rows.to(batch.input_ids.device)
     if layer == target_layer:
-        h_out = tr[h_name].output
-        h = h_out[batch.init_rows.to(h_out.device), batch.lookup[batch.init_rows].to(h_out.device)].float()
+        h_out, h_rows = tr[h_name].output, batch.init_rows
     else:
+        init = batch.init_rows.to(batch.input_ids.device)
         with trace(model, [h_name], outputs=True, stop=True) as th:
             model(input_ids=batch.input_ids[init], attention_mask=batch.attention_mask[init], use_cache=False)
-        h_out = th[h_name].output
-        h = h_out[torch.arange(len(init), device=h_out.device), batch.lookup[batch.init_rows].to(h_out.device)].float()
+        h_out, h_rows = th[h_name].output, torch.arange(len(init))
+    h = h_out[h_rows.to(h_out.device), batch.lookup[batch.init_rows].to(h_out.device)].float()
     keys = _edit_means(batch, tr[key_name].input[rows, lookup].float())
     if not mlp_out:
         return keys, h.cpu()

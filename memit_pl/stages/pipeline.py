@@ -67,18 +67,15 @@ def apply_stage(
 ) -> dict[str, Any]:
     """Statistics (cached) and the ascending-layer update of a :class:`memit_pl.MEMIT` from a z store; writes
     the delta, ``summary.json`` and (optionally) the edited model into ``out_dir``; returns the summary.
-    ``meter``: the run's stage meter, when earlier stages (statistics, z) were measured by the caller."""
+    ``meter``: the run's stage meter, when the caller measured earlier stages (statistics, z)."""
     from memit_pl.stages.apply import residual_norms
 
     model, tokenizer, memit = editor.model, editor.tokenizer, editor.memit
     out_dir = Path(out_dir)
     fp_before = fingerprint(model)
     meter = meter or StageMeter()
-    if "stats" in meter:
+    with meter("stats"):  # in memory if the caller's run already read them: a stage's seconds add up
         editor.covariances(memit.layers)
-    else:
-        with meter("stats"):
-            editor.covariances(memit.layers)
     prev = previous_keys(previous, memit.layers) if previous else None
     with editor.autocast():
         resid_before = residual_norms(model, tokenizer, requests, store, memit)
