@@ -5,8 +5,13 @@ same first N counterfact-train cases in one batch, evaluated the same way.
                                       [--ge-cases 500] [--work runs/methods] [--out bench/results/methods/table2.json]
 
 z is optimised once (the shipped config's L) and shared by ROME (layer L alone), MEMIT and AlphaEdit; FT-W
-needs none. A method's ``seconds`` is what a user pays for it alone: the z stage (for the three that use
-it) plus its own update, with the statistics cached beforehand (``stats_s``, once). Every row is written
+needs none. ``--grid 1,10,100,3162`` also edits the first n of the N cases for each n of the grid (the z of
+the N cases serves every n), one row per method and n; ``--sweep-out DIR`` then writes the paper's Figure 5
+from MEMIT's rows (``sweep.json``, ``.md``, ``.png`` as ``memit-pl sweep`` writes them; the unedited row,
+n = 0, is the unedited model on the N cases), so a 10,000-edit MEMIT row is computed once for both.
+
+A method's ``seconds`` is what a user pays for it alone: the z stage (for the three that use it) plus its
+own update, with the statistics cached beforehand (``stats_s``, once). Every row is written
 as soon as it is done, and a re-run skips the rows already in ``--out`` for the same N and settings; the
 z store, the per-layer factors and FT-W's delta are resumed from ``--work``.
 """
@@ -46,6 +51,8 @@ def main() -> None:
                     help="a memit setting for one method, e.g. ft.ft_weight_decay=1e-3 (repeatable)")
     ap.add_argument("--zbank", action="store_true",
                     help="start z from bench/zbank/<model> (bench/zbank.py); z_s then adds the banked chunks' seconds")
+    ap.add_argument("--grid", default="", help="also the first n cases for each n of this comma list (< N)")
+    ap.add_argument("--sweep-out", default=None, help="write Figure 5 (sweep.json/.md/.png) from MEMIT's rows here")
     ap.add_argument("--work", default="runs/methods")
     ap.add_argument("--out", default=str(ROOT / "bench/results/methods/table2.json"))
     args = ap.parse_args()
@@ -56,6 +63,9 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
     overrides = _overrides(args.set)
+    grid = _grid(args.grid, args.n)
+    if args.sweep_out is not None and "memit" not in methods:
+        raise SystemExit("--sweep-out draws MEMIT's rows: add memit to --methods")
 
     cfg = Config.from_file(args.config)
     cfg = replace(cfg, trainer=TrainerConfig(enable_progress_bar=False),
@@ -63,11 +73,16 @@ def main() -> None:
     editor = MEMIT.from_pretrained(cfg.model.name, config=cfg, work_dir=Path(args.work) / f"n{args.n}")
     requests = load_edits(args.edits, tokenizer=editor.tokenizer, limit=args.n, drop_conflicting=True)
     n = len(requests)
+    sizes = [m for m in grid if m < n] + [n]
     out = Path(args.out)
     old = json.loads(out.read_text()) if out.exists() else {}
-    rows = [r for r in old.get("rows", []) if r.get("n_edits") != n or r["method"] not in methods]
-    done = {r["method"]: r for r in old.get("rows", []) if r.get("n_edits") == n and r["method"] in methods
+    mine = {(m, s) for m in methods for s in ([n] if m == "unedited" else sizes)}
+    rows = [r for r in old.get("rows", []) if (r["method"], r.get("n_edits")) not in mine]
+    done = {(r["method"], r["n_edits"]): r for r in old.get("rows", []) if (r["method"], r.get("n_edits")) in mine
             and r.get("settings") == _settings(cfg, r["method"], overrides)}
+    if args.sweep_out is not None and "unedited" not in methods and not any(
+            r["method"] == "unedited" and r["n_edits"] == n for r in rows):
+        raise SystemExit(f"--sweep-out needs the unedited row at n={n}: add unedited to --methods")
 
     meter = StageMeter()  # the statistics and the shared z stage
     with meter("stats"):
@@ -76,9 +91,9 @@ def main() -> None:
     z_s = None
     unedited = None
     for method in methods:
-        if method in done:
-            logging.info("%s at n=%d: kept from %s", method, n, out)
-            rows.append(done[method])
+        if all((method, m) in done for m in ([n] if method == "unedited" else sizes)):
+            logging.info("%s at n=%s: kept from %s", method, ",".join(map(str, sizes)), out)
+            rows += [done[(method, m)] for m in ([n] if method == "unedited" else sizes)]
             continue
         if unedited is None:
             unedited = editor.evaluate(requests)
@@ -98,21 +113,60 @@ def main() -> None:
             with meter("z"):
                 editor.zs(requests, memit)
             z_s = meter.timings["z_s"] + banked_s
-        stage = StageMeter()
-        with contextlib.ExitStack() as edited:
-            with stage("update"):
-                delta = edited.enter_context(editor.edited(requests, memit))
-            with stage("eval"):
-                result = editor.evaluate(requests)
-        update_s = stage.timings["update_s"]
-        own = update_s + (z_s if method != "ft" else 0.0)
-        peaks = {**({} if method == "ft" else {"z": meter.peak_rss_mb.get("z")}), **stage.peak_rss_mb}
-        rows.append(row(n, result, unedited, method=method, n_edits=n, seconds=round(own, 1),
-                        z_s=None if method == "ft" else round(z_s, 1), update_s=round(update_s, 1),
-                        peak_rss_mb=peaks, layers=delta.layers, settings=_settings(cfg, method, overrides),
-                        **({k: delta.metadata[k] for k in ("ft_steps", "ft_final_nll")} if method == "ft" else {})))
-        logging.info("%s: %s", method, rows[-1])
-        _write(out, rows, args, cfg, editor, stats_s)
+        for m in sizes:
+            if (method, m) in done:
+                rows.append(done[(method, m)])
+                continue
+            stage = StageMeter()
+            with contextlib.ExitStack() as edited:
+                with stage("update"):
+                    delta = edited.enter_context(editor.edited(requests[:m], memit))
+                with stage("eval"):
+                    result = editor.evaluate(requests[:m])
+            update_s = stage.timings["update_s"]
+            # z: the stage's seconds for the N cases; a smaller n of the grid leaves it out (it was not timed alone)
+            zs = None if method == "ft" or m < n else z_s
+            own = None if method != "ft" and zs is None else update_s + (zs or 0.0)
+            peaks = {**({} if zs is None else {"z": meter.peak_rss_mb.get("z")}), **stage.peak_rss_mb}
+            base = unedited if m == n else {"cases": unedited["cases"][:m]}
+            rows.append(row(m, result, base, method=method, n_edits=m, seconds=None if own is None else round(own, 1),
+                            z_s=None if zs is None else round(zs, 1), update_s=round(update_s, 1),
+                            eval_s=round(stage.timings["eval_s"], 1),
+                            peak_rss_mb=peaks, layers=delta.layers, settings=_settings(cfg, method, overrides),
+                            **({k: delta.metadata[k] for k in ("ft_steps", "ft_final_nll")} if method == "ft" else {})))
+            logging.info("%s at n=%d: %s", method, m, rows[-1])
+            _write(out, rows, args, cfg, editor, stats_s)
+    if args.sweep_out is not None:
+        _write_sweep(Path(args.sweep_out), rows, n, sizes, args, cfg, editor)
+
+
+def _grid(text: str, n: int) -> list[int]:
+    try:
+        grid = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise SystemExit(f"--grid {text!r}: expected a comma list of integers, e.g. 1,10,100") from None
+    bad = [v for v in grid if not 0 < v <= n]
+    if bad:
+        raise SystemExit(f"--grid: {bad} outside 1..--n ({n})")
+    return grid
+
+
+def _write_sweep(out_dir: Path, rows: list[dict], n: int, sizes: list[int], args, cfg: Config, editor: MEMIT) -> None:
+    """Figure 5 from the unedited row of the N cases (as n = 0) and MEMIT's rows at every n."""
+    from memit_pl.experiments.sweep import write_sweep
+
+    base = [r for r in rows if r["method"] == "unedited" and r["n_edits"] == n]
+    if not base:
+        raise SystemExit(f"--sweep-out: no unedited row at n={n} (add unedited to --methods)")
+    edited = sorted((r for r in rows if r["method"] == "memit" and r["n_edits"] in sizes), key=lambda r: r["n_edits"])
+    sweep = [{**r, "n": 0} for r in base] + edited
+    rec = record.record("methods", {"rows": sweep}, args=args, compute_dtype=editor.compute_dtype,
+                        config={"model": cfg.model.name, "memit": asdict(cfg.memit), "eval": asdict(cfg.eval)})
+    meta = {k: v for k, v in rec.items() if k not in ("rows", "figures")}
+    settings = edited[-1]["settings"]  # the MEMIT rows' own (``--set memit.…`` included)
+    write_sweep(out_dir, sweep, {**meta, "model": cfg.model.name, "edits_file": rec["config"]["args"]["edits"],
+                                 "layers": settings["layers"], "lambda": settings["mom2_update_weight"],
+                                 "method": "memit", "n_requests": n})
 
 
 def _overrides(items: list[str]) -> dict[str, dict]:

@@ -1,9 +1,11 @@
 """Benchmark of the update stage's forward passes: keys and h^L for every layer of the window, the reference's
-one pass (every row through block L) against memit-pl's two (every row to layer l, the bare prompts on to L).
+one pass (every row through block L) against memit-pl's two (every row to layer l, the bare prompts on to L)
+and against the shared-prefix form (``memit.update_prefix_cache``: the tokens a context prefix's rows share
+run once per batch into the key/value cache, each row runs only its own; the bare prompts to L apart).
 
 For each layer l of R, the update reads the keys k_l at layer l on each edit's prompt behind every context
 prefix (1 + #prefixes rows per edit), and h^L on the bare prompt only. The reference runs all rows through
-block L for both; below L, memit-pl stops the prefixed rows at layer l. The two are interleaved layer by layer
+block L for both; below L, memit-pl stops the prefixed rows at layer l. The forms are interleaved layer by layer
 on the same batches of the first N counterfact-train cases, with the bank's context prefixes (no z needed:
 the passes do not depend on it); medians over ``--repeats``, and the largest difference of k and h^L.
 
@@ -66,30 +68,36 @@ def main() -> None:
     bs = cfg.memit.z_batch_size
     batches = [collate(list(requests[i:i + bs])) for i in range(0, len(requests), bs)]
     L = cfg.memit.target_layer
-    times = {"one_pass": [], "two_pass": []}
-    diff_k = diff_h = 0.0
+    fns = {"one_pass": one_pass, "two_pass": keys_and_h,
+           "shared": lambda *a: keys_and_h(*a, share_prefixes=True)}
+    modes = list(fns)
+    times = {m: [] for m in modes}
+    diff = {m: {"keys": 0.0, "h": 0.0} for m in modes[1:]}
     for rep in range(args.repeats):
-        tot = {"one_pass": 0.0, "two_pass": 0.0}
+        tot = dict.fromkeys(modes, 0.0)
         for layer in cfg.memit.layers:
-            order = ("one_pass", "two_pass") if (rep + layer) % 2 == 0 else ("two_pass", "one_pass")
+            k = (rep + layer) % len(modes)
+            order = modes[k:] + modes[:k]  # each form first, in turn
             got = {}
             for mode in order:
                 t = time.perf_counter()
-                fn = one_pass if mode == "one_pass" else keys_and_h
-                got[mode] = [fn(model, spec, b, layer, L) for b in batches]
+                got[mode] = [fns[mode](model, spec, b, layer, L) for b in batches]
                 tot[mode] += time.perf_counter() - t
-            for (k1, h1), (k2, h2) in zip(got["one_pass"], got["two_pass"]):
-                diff_k = max(diff_k, float((k1 - k2).abs().max() / k1.abs().max()))
-                diff_h = max(diff_h, float((h1 - h2).abs().max() / h1.abs().max()))
+            for mode in modes[1:]:
+                for (k1, h1), (k2, h2) in zip(got["one_pass"], got[mode]):
+                    diff[mode]["keys"] = max(diff[mode]["keys"], float((k1 - k2).abs().max() / k1.abs().max()))
+                    diff[mode]["h"] = max(diff[mode]["h"], float((h1 - h2).abs().max() / h1.abs().max()))
         for mode in times:
             times[mode].append(tot[mode])
-        print(f"repeat {rep}: one pass {tot['one_pass']:.1f} s, two passes {tot['two_pass']:.1f} s", flush=True)
+        print(f"repeat {rep}: " + ", ".join(f"{m} {tot[m]:.1f} s" for m in modes), flush=True)
     med = {m: statistics.median(v) for m, v in times.items()}
     figures = {"n_edits": len(requests), "rows_per_edit": len(prefixes), "layers": cfg.memit.layers,
                "target_layer": L, "seconds": {m: [round(x, 2) for x in v] for m, v in times.items()},
                "median_s": {m: round(v, 2) for m, v in med.items()},
                "speedup": round(med["one_pass"] / med["two_pass"], 2),
-               "max_rel_diff": {"keys": diff_k, "h": diff_h}}
+               "speedup_shared_vs_two_pass": round(med["two_pass"] / med["shared"], 2),
+               "speedup_shared_vs_one_pass": round(med["one_pass"] / med["shared"], 2),
+               "max_rel_diff": diff["two_pass"], "max_rel_diff_shared": diff["shared"]}
     rec = record.record("update", figures, args=args, config={"model": cfg.model.name, "z_batch_size": bs})
     record.write(args.out, rec)
     print(json.dumps(figures, indent=1))

@@ -66,8 +66,11 @@ def seed(store_dir: str | Path, bank: str | Path, parts: bool = True) -> int:
     return n
 
 
-def add_chunk(bank: Path, store, ids: list[str], first: int, seconds: float | None, compute_dtype: str) -> Path:
-    """Write the rows ``ids`` of a merged z store into the bank as one chunk file, and index it."""
+def add_chunk(bank: Path, store, ids: list[str], first: int, seconds: float | None, compute_dtype: str,
+              timed_edits: int | None = None) -> Path:
+    """Write the rows ``ids`` of a merged z store into the bank as one chunk file, and index it. ``timed_edits``:
+    a chunk resumed after an interruption timed only its remaining edits; ``seconds`` is then their rate
+    times the chunk's edits, and the index says how many were timed."""
     import torch
 
     from memit_pl import io
@@ -89,7 +92,8 @@ def add_chunk(bank: Path, store, ids: list[str], first: int, seconds: float | No
                           "seconds": None if seconds is None else round(seconds, 1),
                           "s_per_edit": None if seconds is None else round(seconds / len(ids), 4),
                           "git_commit": record.git_commit(), "device": record.device(), "compute_dtype": compute_dtype,
-                          "date": time.strftime("%Y-%m-%d"), "key": store.metadata["key"]})
+                          "date": time.strftime("%Y-%m-%d"), "key": store.metadata["key"],
+                          **({} if timed_edits is None else {"timed_edits": timed_edits})})
     idx["chunks"].sort(key=lambda c: c["first"])
     idx["n_edits"] = sum(c["n"] for c in idx["chunks"])
     timed = [c["seconds"] for c in idx["chunks"] if c["seconds"] is not None]
@@ -122,6 +126,17 @@ def seed_run(store_dir: str | Path, model: str, n: int) -> float:
     return secs
 
 
+def stored_ids(store_dir: Path) -> set[str]:
+    """Case ids already in a z store directory (its merged file and part files: what an interrupted run left)."""
+    from memit_pl import io
+    from memit_pl.stages.zstore import PARTS, STORE_FILE
+
+    store_dir = Path(store_dir)
+    files = [store_dir / STORE_FILE] if (store_dir / STORE_FILE).exists() else []
+    files += sorted((store_dir / PARTS).glob("*.safetensors")) if (store_dir / PARTS).exists() else []
+    return {c for f in files for c in io.load_tensors(f)[1].get("case_ids", [])}
+
+
 def banked_positions(bank: Path) -> set[int]:
     return {i for c in read_index(bank)["chunks"] for i in range(c["first"], c["first"] + c["n"])}
 
@@ -139,6 +154,9 @@ def main() -> None:
                     help="instead: bank an existing z store directory (its rows that are the file's first cases)")
     ap.add_argument("--seconds", type=float, default=None,
                     help="with --import-store: the z seconds it took, measured alone (leave out if not)")
+    ap.add_argument("--bank", default=None,
+                    help="bank directory (default bench/zbank/<model>, counterfact-train's); e.g. "
+                         "bench/zbank/<model>-val for counterfact-val, the tuning split")
     ap.add_argument("--work", default="runs/zbank")
     args = ap.parse_args()
     record.preflight("bench.zbank", args)
@@ -153,7 +171,7 @@ def main() -> None:
     cfg = replace(cfg, trainer=TrainerConfig(enable_progress_bar=False))
     if args.batch:
         cfg = replace(cfg, memit=replace(cfg.memit, z_batch_size=args.batch))
-    bank = bank_dir(cfg.model.name)
+    bank = Path(args.bank).resolve() if args.bank else bank_dir(cfg.model.name)
     if args.import_store:
         store = load_store(args.import_store)
         have = set(store.case_ids)
@@ -191,10 +209,15 @@ def main() -> None:
         chunk = requests[first:end]
         store_dir = Path(args.work) / f"chunk-{first:05d}"
         seed(store_dir, bank, parts=False)  # the bank's prefixes: every chunk under one store key
+        resumed = len(stored_ids(store_dir) & {r.case_id for r in chunk})  # an interrupted chunk's finished batches
         t = time.perf_counter()
         store = editor.zs(chunk, store_dir=store_dir)
         secs = time.perf_counter() - t
-        path = add_chunk(bank, store, [r.case_id for r in chunk], first, secs, editor.compute_dtype)
+        timed = len(chunk) - resumed
+        if resumed:  # the rate of the edits timed now, for the whole chunk
+            secs = secs * len(chunk) / timed if timed else None
+        path = add_chunk(bank, store, [r.case_id for r in chunk], first, secs, editor.compute_dtype,
+                         timed_edits=timed if resumed else None)
         logging.info("banked cases %d..%d in %.0f s (%.3f s/edit): %s", first, end - 1, secs, secs / len(chunk),
                      path.relative_to(ROOT))
         shutil.rmtree(store_dir)

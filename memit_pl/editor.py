@@ -299,10 +299,12 @@ class MEMIT:
         out = self.work_dir / f"{_tag(requests, memit)}-{fingerprint(self.model)}"
         if (out / DELTA_FILE).exists():
             return load_delta(out).apply(self.model)
+        checkpoint = out / "ft-checkpoint.safetensors"  # after every step: a long run resumes there
         with self.autocast():
-            delta = finetune(self.model, self.tokenizer, list(requests), memit)
+            delta = finetune(self.model, self.tokenizer, list(requests), memit, checkpoint=checkpoint)
         delta.metadata.update({"memit": asdict(memit), "compute_dtype": self.compute_dtype})
         delta.save(out)
+        checkpoint.unlink(missing_ok=True)
         return delta
 
     @contextmanager

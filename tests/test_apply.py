@@ -9,6 +9,7 @@ from memit_pl.modeling.hooks import trace
 from memit_pl.modeling.spec import get_spec
 from memit_pl.stages import runtime
 from memit_pl.stages.apply import KeyCollate, apply_memit, keys_and_h, prefix_groups, residual_norms
+from tests.support.tiny import FAMILIES
 
 TCFG = TrainerConfig(accelerator="cpu", enable_progress_bar=False)
 REQUESTS = [
@@ -100,6 +101,61 @@ def test_keys_below_l_and_h_in_two_passes_equal_one_full_pass(make_model, tok, f
     torch.testing.assert_close(keys, want_k, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(m, want_m, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(h, want_h, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("layer", [0, 2])
+def test_shared_context_prefixes_give_the_same_keys_and_h(make_model, tok, family, layer):
+    """memit.update_prefix_cache: the tokens a prefix's rows share run once (key/value cache) and each row
+    only its own after them; k, W k and h^L equal the plain passes', below L and at L, in every family."""
+    from memit_pl.stages.apply import _shared_prefix_rows
+
+    model = make_model(family)
+    spec = get_spec(model)
+    prefixes = ["", "One two. ", "Three four five. ", "Six seven. "]
+    batch = KeyCollate(tok, prefixes, prefix_groups([[3, 3]]))(REQUESTS + MORE)
+    rows = torch.arange(1, len(batch.lookup), len(prefixes))  # the rows behind "One two. "
+    common = (batch.input_ids[rows] == batch.input_ids[rows[:1]]).all(0).long().cumprod(0).sum()
+    assert common >= 2  # the prefix's tokens are shared: the cached path is exercised
+    calls = {False: [], True: []}
+    real = model.forward
+    for shared in (False, True):
+        model.forward = lambda *a, **k: calls[shared].append(k["input_ids"].shape) or real(*a, **k)  # noqa: B023
+        if shared:
+            got = keys_and_h(model, spec, batch, layer, 2, mlp_out=True, share_prefixes=True)
+        else:
+            want = keys_and_h(model, spec, batch, layer, 2, mlp_out=True)
+    model.forward = real
+    assert sum(r * c for r, c in calls[True]) < sum(r * c for r, c in calls[False])  # fewer positions computed
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    # a left-padded batch falls back to the plain passes
+    left = KeyCollate(tok, prefixes, prefix_groups([[3, 3]]))(REQUESTS)
+    n = left.attention_mask.sum(1)
+    width = left.attention_mask.shape[1]
+    ids = torch.stack([torch.cat([r.new_zeros(width - k), r[:k]]) for r, k in zip(left.input_ids, n)])
+    flipped = type(left)(**{**left.__dict__, "input_ids": ids, "attention_mask": (ids * 0 + 1) * (
+        torch.arange(width) >= (width - n)[:, None]), "lookup": left.lookup + width - n})
+    for w, g in zip(keys_and_h(model, spec, flipped, layer, 2), keys_and_h(model, spec, flipped, layer, 2,
+                                                                        share_prefixes=True)):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+    name, one = spec.name("mlp_out", layer), slice(1, 2)
+    with torch.no_grad(), trace(model, [name], inputs=True) as tr:
+        model(input_ids=batch.input_ids[one], attention_mask=batch.attention_mask[one])
+    with torch.no_grad():
+        x_in, x_out = _shared_prefix_rows(model, name, batch.input_ids[one], batch.attention_mask[one],
+                                          batch.lookup[one])  # one row: every column before the key cached
+    at = int(batch.lookup[1])
+    torch.testing.assert_close(x_in[0], tr[name].input[0, at], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x_out[0], tr[name].output[0, at], atol=1e-5, rtol=1e-5)
+
+
+def test_the_update_with_shared_prefixes_writes_the_same_delta(edited):
+    _, _, plain, _, after_plain = edited(out="plain")
+    _, _, shared, _, after_shared = edited(cfg=memit_cfg(update_prefix_cache=True), out="shared")
+    for layer in plain.layers:
+        torch.testing.assert_close(shared.dense(layer), plain.dense(layer), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(after_shared, after_plain, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])

@@ -127,6 +127,37 @@ def test_ft_stops_early_at_the_loss_threshold(make_model, tok):
     assert abs(_nll(model, tok, requests()) - seen[-1]) < 1e-4  # the model holds the weight that reached it
 
 
+def test_ft_resumes_from_its_checkpoint_on_the_same_trajectory(make_model, tok, tmp_path):
+    """An FT-W run stopped after two steps and resumed from its checkpoint ends where an uninterrupted run
+    does (weight, steps, NLL); a checkpoint of another run is refused."""
+    cfg = MemitConfig(layers=[1, 2], ft_lr=3e-2, ft_steps=5, ft_weight_decay=1.0, ft_loss_threshold=0.0)
+    full_nll = []
+    full = finetune(make_model("llama"), tok, requests(), cfg, on_step=lambda s, nll: full_nll.append(nll))
+    ckpt = tmp_path / "ft.safetensors"
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_2(step, nll):
+        if step == 2:
+            raise Stop
+
+    model = make_model("llama")
+    w0 = get_spec(model).out_weight(model, 2).detach().clone()
+    with pytest.raises(Stop):
+        finetune(model, tok, requests(), cfg, on_step=stop_at_2, checkpoint=ckpt)
+    assert ckpt.exists()
+    model = make_model("llama")  # a new process: the unedited weights again
+    torch.testing.assert_close(get_spec(model).out_weight(model, 2), w0, rtol=0, atol=0)
+    seen = []
+    resumed = finetune(model, tok, requests(), cfg, on_step=lambda s, nll: seen.append(s), checkpoint=ckpt)
+    assert seen == [2, 3, 4] and resumed.metadata["ft_steps"] == full.metadata["ft_steps"] == 5
+    assert resumed.metadata["ft_final_nll"] == pytest.approx(full_nll[-1], rel=1e-5)
+    torch.testing.assert_close(resumed.dense(2), full.dense(2), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="not of this run"):
+        finetune(make_model("llama"), tok, requests()[:1], cfg, checkpoint=ckpt)
+
+
 def test_ft_through_the_editor_resumes_and_restores(editor):
     ft = MemitConfig(**{**vars(editor.memit), "method": "ft", "ft_layer": 0, "ft_lr": 5e-3, "ft_steps": 3})
     before = weights(editor, [0, 1, 2])

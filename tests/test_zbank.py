@@ -55,3 +55,22 @@ def test_a_chunk_banked_without_a_clean_time_has_no_seconds(editor, tmp_path):
     assert zbank.banked_seconds(bank, 3) is None and zbank.banked_seconds(bank, 2) is None
     idx = zbank.read_index(bank)
     assert idx["n_edits"] == 3 and idx["n_edits_timed"] == 1 and idx["seconds"] == 6.0
+
+
+def test_a_resumed_chunk_counts_what_the_interrupted_run_stored(editor, tmp_path):
+    """An interrupted chunk's store directory already holds some z: they are counted (merged file and part
+    files alike), and the chunk's index entry says how many edits its seconds were timed on."""
+    from memit_pl.stages.zstore import PARTS, STORE_FILE
+
+    reqs = [EditRequest.of(p, s, o) for p, s, o in FACTS[:3]]
+    d = tmp_path / "chunk0"
+    assert zbank.stored_ids(d) == set()
+    store = editor.zs(reqs[:2], store_dir=d)
+    assert (d / STORE_FILE).exists() and zbank.stored_ids(d) == {r.case_id for r in reqs[:2]}
+    (d / PARTS).mkdir(exist_ok=True)
+    (d / STORE_FILE).rename(d / PARTS / "b0.safetensors")  # as parts, before the merge
+    assert zbank.stored_ids(d) == {r.case_id for r in reqs[:2]}
+    bank = tmp_path / "bank"
+    zbank.add_chunk(bank, store, [r.case_id for r in reqs[:2]], 0, 8.0, "float32", timed_edits=1)
+    (entry,) = zbank.read_index(bank)["chunks"]
+    assert entry["timed_edits"] == 1 and entry["seconds"] == 8.0 and entry["s_per_edit"] == 4.0

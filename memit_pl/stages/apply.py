@@ -98,7 +98,7 @@ class KeyCollate:
 
 @torch.no_grad()
 def keys_and_h(model: nn.Module, spec: ModelSpec, batch: KeyBatch, layer: int, target_layer: int,
-               mlp_out: bool = False) -> tuple[Tensor, ...]:
+               mlp_out: bool = False, share_prefixes: bool = False) -> tuple[Tensor, ...]:
     """(k [n_edits, d_key], h^L [n_edits, d_model]) for one batch.
     With ``mlp_out``, also the output projection's output W k [n_edits, d_model], averaged as k.
 
@@ -106,7 +106,13 @@ def keys_and_h(model: nn.Module, spec: ModelSpec, batch: KeyBatch, layer: int, t
     ``compute_ks``); h^L is read on the bare prompt. Below L that takes two passes: every row stops at
     layer l's output projection, and only the bare prompts (one row in 1 + #prefixes) go on to block L,
     on the same padded columns (so each row sees exactly the positions of the one-pass form).
+
+    ``share_prefixes`` (right-padded batches): the tokens a context prefix's rows have in common run once,
+    filling the model's key/value cache, and each row runs only its own tokens after them
+    (:func:`_shared_prefix_rows`); the bare prompts run alone, through block L. Same keys and h^L.
     """
+    if share_prefixes and _right_padded(batch.attention_mask):
+        return _keys_and_h_shared(model, spec, batch, layer, target_layer, mlp_out)
     key_name, h_name = spec.name("mlp_out", layer), spec.name("block", target_layer)
     names = [key_name, h_name] if layer == target_layer else [key_name]
     with trace(model, names, inputs=True, outputs=True, stop=True) as tr:
@@ -127,6 +133,84 @@ def keys_and_h(model: nn.Module, spec: ModelSpec, batch: KeyBatch, layer: int, t
     return keys, h.cpu(), _edit_means(batch, tr[key_name].output[rows, lookup].float())
 
 
+def _right_padded(mask: Tensor) -> bool:
+    lengths = mask.sum(1)
+    return bool(torch.equal(mask, (torch.arange(mask.shape[1], device=mask.device) < lengths[:, None]).to(mask.dtype)))
+
+
+def _keys_and_h_shared(model: nn.Module, spec: ModelSpec, batch: KeyBatch, layer: int, target_layer: int,
+                       mlp_out: bool) -> tuple[Tensor, ...]:
+    key_name, h_name = spec.name("mlp_out", layer), spec.name("block", target_layer)
+    dev = batch.input_ids.device
+    n_rows = batch.input_ids.shape[0]
+    prefix_of_row = torch.arange(n_rows, device=dev) - batch.init_rows.to(dev)[batch.edit_of_row.to(dev)]
+    k_in: Tensor | None = None
+    k_out: Tensor | None = None
+
+    def put(rows: Tensor, x_in: Tensor, x_out: Tensor) -> None:
+        nonlocal k_in, k_out
+        if k_in is None:
+            k_in = x_in.new_zeros(n_rows, x_in.shape[-1], dtype=torch.float32)
+            k_out = x_out.new_zeros(n_rows, x_out.shape[-1], dtype=torch.float32)
+        k_in[rows.to(k_in.device)] = x_in.float().to(k_in.device)
+        k_out[rows.to(k_out.device)] = x_out.float().to(k_out.device)
+
+    # the bare prompts: keys at layer l and h^L in one pass, cut after their longest row
+    init = batch.init_rows.to(dev)
+    width = int(batch.attention_mask[init].sum(1).max())
+    with trace(model, [key_name, h_name], inputs=True, outputs=True, stop=True) as tr:
+        model(input_ids=batch.input_ids[init, :width], attention_mask=batch.attention_mask[init, :width],
+              use_cache=False)
+    at = batch.lookup[init].to(tr[key_name].input.device)
+    local = torch.arange(len(init), device=at.device)
+    put(init, tr[key_name].input[local, at], tr[key_name].output[local, at])
+    h = tr[h_name].output[local.to(tr[h_name].output.device), at.to(tr[h_name].output.device)].float()
+    for j in range(1, int(prefix_of_row.max()) + 1):
+        rows = (prefix_of_row == j).nonzero().squeeze(-1)
+        x_in, x_out = _shared_prefix_rows(model, key_name, batch.input_ids[rows], batch.attention_mask[rows],
+                                          batch.lookup[rows].to(dev))
+        put(rows, x_in, x_out)
+    keys = _edit_means(batch, k_in)
+    if not mlp_out:
+        return keys, h.cpu()
+    return keys, h.cpu(), _edit_means(batch, k_out)
+
+
+def _shared_prefix_rows(model: nn.Module, name: str, input_ids: Tensor, attention_mask: Tensor,
+                        at: Tensor) -> tuple[Tensor, Tensor]:
+    """Input and output of module ``name`` at column ``at[row]`` of each right-padded row. The columns all
+    rows share (their common first tokens, at most up to the earliest ``at``) run once for one row, filling
+    the model's key/value cache, which every row then attends to while only its own columns run."""
+    from transformers import DynamicCache
+
+    from memit_pl.modeling.loading import cache_kwarg
+
+    lengths = attention_mask.sum(1)
+    same = (input_ids == input_ids[:1]).all(0) & (attention_mask == 1).all(0)
+    common = int(same.long().cumprod(0).sum()) if same.numel() else 0
+    start = min(common, int(at.min()))  # the key column itself runs with the rows
+    width = int(lengths.max())
+    if start == 0:
+        with trace(model, [name], inputs=True, outputs=True, stop=True) as tr:
+            model(input_ids=input_ids[:, :width], attention_mask=attention_mask[:, :width], use_cache=False)
+        rows = torch.arange(len(at), device=tr[name].input.device)
+        return tr[name].input[rows, at.to(rows.device)], tr[name].output[rows, at.to(rows.device)]
+    cache = DynamicCache(config=model.config)
+    arg = cache_kwarg(model)
+    with trace(model, [name], stop=True):  # layers 0..l of the shared columns: their keys and values
+        model(input_ids=input_ids[:1, :start], attention_mask=attention_mask[:1, :start], use_cache=True, **{arg: cache})
+    from memit_pl.modeling.tail import _select_cache
+
+    cache = _select_cache(cache, torch.zeros(len(at), dtype=torch.long, device=input_ids.device))
+    pos = torch.arange(start, width, device=input_ids.device).expand(len(at), -1)
+    with trace(model, [name], inputs=True, outputs=True, stop=True) as tr:
+        model(input_ids=input_ids[:, start:width], attention_mask=attention_mask[:, :width], position_ids=pos,
+              use_cache=True, **{arg: cache})
+    rows = torch.arange(len(at), device=tr[name].input.device)
+    cols = (at - start).to(rows.device)
+    return tr[name].input[rows, cols], tr[name].output[rows, cols]
+
+
 def _edit_means(batch: KeyBatch, per_row: Tensor) -> Tensor:
     """[n_rows, d] -> [n_edits, d]: the mean within each context-prefix group, then over the groups."""
     n, n_groups = batch.n_edits, int(batch.group_of_row.max()) + 1
@@ -139,11 +223,12 @@ def _edit_means(batch: KeyBatch, per_row: Tensor) -> Tensor:
 class ApplyModule(L.LightningModule):
     """Predict step: keys at ``self.layer`` and h^L for a batch of edits."""
 
-    def __init__(self, model: nn.Module, target_layer: int):
+    def __init__(self, model: nn.Module, target_layer: int, share_prefixes: bool = False):
         super().__init__()
         self.model = model
         self.spec = get_spec(model)
         self.target_layer = target_layer
+        self.share_prefixes = share_prefixes
         self.layer: int | None = None
         self.applied: set[int] = set()
 
@@ -153,7 +238,7 @@ class ApplyModule(L.LightningModule):
     def predict_step(self, batch: KeyBatch, batch_idx: int) -> dict:
         """keys, h^L and, with a norm after the MLP, W k ("m")."""
         out = keys_and_h(self.model, self.spec, batch, self.layer, self.target_layer,
-                         mlp_out=self.spec.mlp_post_norm is not None)
+                         mlp_out=self.spec.mlp_post_norm is not None, share_prefixes=self.share_prefixes)
         return {"case_ids": batch.case_ids, **dict(zip(("keys", "h", "m"), out))}
 
 
@@ -311,7 +396,7 @@ def apply_memit(
     groups = prefix_groups(store.metadata["memit"]["context_templates"])
     loader = DataLoader(list(requests), batch_size=memit.z_batch_size, shuffle=False,
                         collate_fn=KeyCollate(tokenizer, store.metadata["prefixes"], groups))
-    module = ApplyModule(model, memit.target_layer)
+    module = ApplyModule(model, memit.target_layer, share_prefixes=memit.update_prefix_cache)
     update = LayerUpdate(case_ids, z, covs, memit.mom2_update_weight, out_dir, key, prev_keys, solver)
     plain = spread_over_devices(model)
     factors: dict[int, tuple[Tensor, Tensor]] = {}

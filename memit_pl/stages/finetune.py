@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -32,9 +33,14 @@ log = logging.getLogger(__name__)
 
 
 def finetune(model: nn.Module, tokenizer, requests: Sequence[EditRequest], memit: MemitConfig,
-             on_step=None) -> EditDelta:
+             on_step=None, checkpoint: str | Path | None = None) -> EditDelta:
     """Fine-tune layer ``memit.ft_layer``'s (default L) MLP output weight in place; return the change as a delta
-    (A = I, B = (W − W₀)ᵀ). ``on_step(step, mean_nll)`` is called after every step's loss."""
+    (A = I, B = (W − W₀)ᵀ). ``on_step(step, mean_nll)`` is called after every step's loss.
+
+    ``checkpoint`` (a safetensors path): after every optimiser step the float32 weight and Adam's moments
+    are written there (atomically), and a run that finds the file resumes after its last step, on the same
+    trajectory as an uninterrupted run (one step over 10,000 edits takes minutes on a CPU). The caller
+    keys the path by the requests, the settings and the unedited weights, and removes it when done."""
     spec = get_spec(model)
     layer = memit.target_layer if memit.ft_layer is None else memit.ft_layer
     weight = spec.out_weight(model, layer)
@@ -52,11 +58,12 @@ def finetune(model: nn.Module, tokenizer, requests: Sequence[EditRequest], memit
     w0 = weight.detach().clone()
     master = weight.detach().float().clone().requires_grad_(True)  # the optimised copy, float32
     opt = torch.optim.Adam([master], lr=memit.ft_lr)
+    first, nll = _resume(checkpoint, master, opt, len(requests), layer) if checkpoint is not None else (0, float("nan"))
     was = weight.requires_grad
-    steps, nll = 0, float("nan")
+    steps, converged = first, False
     try:
         weight.requires_grad_(True)
-        for step in range(memit.ft_steps):
+        for step in range(first, memit.ft_steps):
             with torch.no_grad():
                 weight.copy_(master.to(weight.dtype))
             weight.grad = None
@@ -72,14 +79,17 @@ def finetune(model: nn.Module, tokenizer, requests: Sequence[EditRequest], memit
             if on_step is not None:
                 on_step(step, nll)
             if nll < memit.ft_loss_threshold:
+                converged = True
                 break
             master.grad = weight.grad.float()
             if memit.ft_weight_decay:
                 master.grad += 2 * memit.ft_weight_decay * (master.detach() - w0.float())
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if checkpoint is not None:
+                _save_checkpoint(checkpoint, master, opt, step + 1, nll, len(requests), layer)
         with torch.no_grad():
-            if nll >= memit.ft_loss_threshold:  # the last step's update is in master, not yet in the model
+            if not converged:  # the last step's update is in master, not yet in the model
                 weight.copy_(master.to(weight.dtype))
     finally:
         weight.requires_grad_(was)
@@ -92,3 +102,35 @@ def finetune(model: nn.Module, tokenizer, requests: Sequence[EditRequest], memit
                                        "case_ids": [r.case_id for r in requests], "ft_steps": steps,
                                        "ft_final_nll": nll})
 
+
+
+def _save_checkpoint(path, master: torch.Tensor, opt: torch.optim.Adam, steps: int, nll: float, n_edits: int,
+                     layer: int) -> None:
+    from memit_pl import io
+
+    state = opt.state[master]
+    io.save_tensors(path, {"weight": master.detach(), "exp_avg": state["exp_avg"], "exp_avg_sq": state["exp_avg_sq"],
+                           "adam_step": torch.as_tensor(state["step"], dtype=torch.float32).reshape(1)},
+                    {"steps": steps, "nll": nll, "n_edits": n_edits, "layer": layer})
+
+
+def _resume(path, master: torch.Tensor, opt: torch.optim.Adam, n_edits: int, layer: int) -> tuple[int, float]:
+    """Load a checkpoint into ``master`` and ``opt``: (the steps it had done, the last mean NLL); (0, nan)
+    without one."""
+    from memit_pl import io
+
+    path = Path(path)
+    if not path.exists():
+        return 0, float("nan")
+    tensors, meta = io.load_tensors(path, device=master.device)
+    if (meta.get("n_edits"), meta.get("layer")) != (n_edits, layer) or tensors["weight"].shape != master.shape:
+        raise ValueError(f"{path}: an FT-W checkpoint of {meta.get('n_edits')} edits at layer {meta.get('layer')}, "
+                         f"not of this run ({n_edits} edits at layer {layer}); remove it to start again")
+    with torch.no_grad():
+        master.copy_(tensors["weight"])
+    state = opt.state_dict()
+    state["state"] = {0: {"step": tensors["adam_step"].reshape(()).cpu(), "exp_avg": tensors["exp_avg"],
+                          "exp_avg_sq": tensors["exp_avg_sq"]}}
+    opt.load_state_dict(state)
+    log.info("ft: resumed from %s after %d steps (mean NLL %.4f)", path, meta["steps"], meta["nll"])
+    return int(meta["steps"]), float(meta["nll"])
