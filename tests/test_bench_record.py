@@ -50,13 +50,8 @@ def test_the_methods_benchmark_reads_per_method_settings():
     assert methods._settings(cfg, "unedited", got) is None
 
 
-def test_the_methods_benchmark_end_to_end_on_a_tiny_model(tiny_dir, tmp_path, monkeypatch):
-    """bench.methods on a tiny Llama: the rows the checks read, each stage's seconds and peak memory, and a
-    re-run keeping the rows it already has."""
-    import json
-    import sys
-
-    from bench import methods
+def _tiny_methods_inputs(tiny_dir, tmp_path):
+    """bench.methods' inputs on a tiny Llama: a CounterFact file of cf_requests() and a config."""
     from tests.test_evaluate import cf_requests, counterfact_file
 
     d, corpus = tiny_dir
@@ -66,6 +61,17 @@ def test_the_methods_benchmark_end_to_end_on_a_tiny_model(tiny_dir, tmp_path, mo
                    "memit: {layers: [1, 2], v_num_grad_steps: 2, z_batch_size: 2, context_templates: [[3, 1]]}\n"
                    f"stats: {{corpus: {corpus}, n_samples: 16, seq_len: 16}}\n"
                    "eval: {batch_size: 16, generation_length: 4}\n")
+    return edits, cfg
+
+
+def test_the_methods_benchmark_end_to_end_on_a_tiny_model(tiny_dir, tmp_path, monkeypatch):
+    """bench.methods on a tiny Llama: the rows the checks read, each stage's seconds and peak memory, and a
+    re-run keeping the rows it already has."""
+    import json
+    import sys
+
+    from bench import methods
+    edits, cfg = _tiny_methods_inputs(tiny_dir, tmp_path)
     out = tmp_path / "table2.json"
     monkeypatch.setattr(sys, "argv", ["methods", "--edits", str(edits), "--n", "2", "--config", str(cfg),
                                       "--methods", "unedited,rome,memit", "--ge-cases", "1",
@@ -94,15 +100,7 @@ def test_the_methods_benchmark_grid_writes_figure_5(tiny_dir, tmp_path, monkeypa
     import sys
 
     from bench import methods
-    from tests.test_evaluate import cf_requests, counterfact_file
-
-    d, corpus = tiny_dir
-    edits = counterfact_file(tmp_path / "cf.json", cf_requests())
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(f"model: {{name: {d}, device: cpu, cache_dir: {tmp_path / 'cache'}}}\n"
-                   "memit: {layers: [1, 2], v_num_grad_steps: 2, z_batch_size: 2, context_templates: [[3, 1]]}\n"
-                   f"stats: {{corpus: {corpus}, n_samples: 16, seq_len: 16}}\n"
-                   "eval: {batch_size: 16, generation_length: 4}\n")
+    edits, cfg = _tiny_methods_inputs(tiny_dir, tmp_path)
     monkeypatch.setattr(methods.record, "preflight", lambda *a, **k: None)  # tmp paths are machine paths
     monkeypatch.setattr(methods.record, "write", lambda path, rec: path.write_text(json.dumps(rec)))
 
