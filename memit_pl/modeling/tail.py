@@ -196,13 +196,20 @@ def _select_cache(frozen, rows: Tensor | None):
     return cache
 
 
+def right_padded(attention_mask: Tensor) -> bool:
+    """Whether every row's real tokens come first, then its padding."""
+    lengths = attention_mask.sum(1)
+    cols = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return bool(torch.equal(attention_mask, (cols < lengths[:, None]).to(attention_mask.dtype)))
+
+
 def align(input_ids: Tensor, attention_mask: Tensor, at: Tensor, pad_id: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Shift each right-padded row so that its position ``at[row]`` lands in one column ``max(at)``.
 
     Returns (input_ids, attention_mask, position_ids, shift) of the aligned batch; each token keeps
     its original position id, so the aligned batch computes exactly what the original did."""
     lengths = attention_mask.sum(1)
-    if not torch.equal(attention_mask, (torch.arange(attention_mask.shape[1], device=at.device) < lengths[:, None]).long()):
+    if not right_padded(attention_mask):
         raise ValueError("align() expects right-padded rows")
     start = int(at.max())
     shift = start - at

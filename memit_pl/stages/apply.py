@@ -30,6 +30,7 @@ from memit_pl.functional.solve import output_rms, solve_update, spread_residual,
 from memit_pl.modeling.hooks import trace
 from memit_pl.modeling.loading import input_device, spread_over_devices
 from memit_pl.modeling.spec import ModelSpec, get_spec
+from memit_pl.modeling.tail import right_padded
 from memit_pl.modeling.tokens import tokenize_with_subject
 from memit_pl.stages import runtime
 from memit_pl.stages.zstore import ZStore
@@ -111,7 +112,7 @@ def keys_and_h(model: nn.Module, spec: ModelSpec, batch: KeyBatch, layer: int, t
     filling the model's key/value cache, and each row runs only its own tokens after them
     (:func:`_shared_prefix_rows`); the bare prompts run alone, through block L. Same keys and h^L.
     """
-    if share_prefixes and _right_padded(batch.attention_mask):
+    if share_prefixes and right_padded(batch.attention_mask):
         return _keys_and_h_shared(model, spec, batch, layer, target_layer, mlp_out)
     key_name, h_name = spec.name("mlp_out", layer), spec.name("block", target_layer)
     names = [key_name, h_name] if layer == target_layer else [key_name]
@@ -133,27 +134,13 @@ def keys_and_h(model: nn.Module, spec: ModelSpec, batch: KeyBatch, layer: int, t
     return keys, h.cpu(), _edit_means(batch, tr[key_name].output[rows, lookup].float())
 
 
-def _right_padded(mask: Tensor) -> bool:
-    lengths = mask.sum(1)
-    return bool(torch.equal(mask, (torch.arange(mask.shape[1], device=mask.device) < lengths[:, None]).to(mask.dtype)))
-
-
 def _keys_and_h_shared(model: nn.Module, spec: ModelSpec, batch: KeyBatch, layer: int, target_layer: int,
                        mlp_out: bool) -> tuple[Tensor, ...]:
     key_name, h_name = spec.name("mlp_out", layer), spec.name("block", target_layer)
     dev = batch.input_ids.device
     n_rows = batch.input_ids.shape[0]
     prefix_of_row = torch.arange(n_rows, device=dev) - batch.init_rows.to(dev)[batch.edit_of_row.to(dev)]
-    k_in: Tensor | None = None
-    k_out: Tensor | None = None
-
-    def put(rows: Tensor, x_in: Tensor, x_out: Tensor) -> None:
-        nonlocal k_in, k_out
-        if k_in is None:
-            k_in = x_in.new_zeros(n_rows, x_in.shape[-1], dtype=torch.float32)
-            k_out = x_out.new_zeros(n_rows, x_out.shape[-1], dtype=torch.float32)
-        k_in[rows.to(k_in.device)] = x_in.float().to(k_in.device)
-        k_out[rows.to(k_out.device)] = x_out.float().to(k_out.device)
+    parts = []  # (rows, k at those rows, W k at those rows), one per pass
 
     # the bare prompts: keys at layer l and h^L in one pass, cut after their longest row
     init = batch.init_rows.to(dev)
@@ -163,13 +150,14 @@ def _keys_and_h_shared(model: nn.Module, spec: ModelSpec, batch: KeyBatch, layer
               use_cache=False)
     at = batch.lookup[init].to(tr[key_name].input.device)
     local = torch.arange(len(init), device=at.device)
-    put(init, tr[key_name].input[local, at], tr[key_name].output[local, at])
+    parts.append((init, tr[key_name].input[local, at], tr[key_name].output[local, at]))
     h = tr[h_name].output[local.to(tr[h_name].output.device), at.to(tr[h_name].output.device)].float()
     for j in range(1, int(prefix_of_row.max()) + 1):
         rows = (prefix_of_row == j).nonzero().squeeze(-1)
-        x_in, x_out = _shared_prefix_rows(model, key_name, batch.input_ids[rows], batch.attention_mask[rows],
-                                          batch.lookup[rows].to(dev))
-        put(rows, x_in, x_out)
+        parts.append((rows, *_shared_prefix_rows(model, key_name, batch.input_ids[rows], batch.attention_mask[rows],
+                                                 batch.lookup[rows].to(dev))))
+    order = torch.cat([rows.cpu() for rows, _, _ in parts]).argsort()  # the passes' rows back in batch order
+    k_in, k_out = (torch.cat([p[i].float().to(h.device) for p in parts])[order.to(h.device)] for i in (1, 2))
     keys = _edit_means(batch, k_in)
     if not mlp_out:
         return keys, h.cpu()
@@ -184,6 +172,7 @@ def _shared_prefix_rows(model: nn.Module, name: str, input_ids: Tensor, attentio
     from transformers import DynamicCache
 
     from memit_pl.modeling.loading import cache_kwarg
+    from memit_pl.modeling.tail import _select_cache
 
     lengths = attention_mask.sum(1)
     same = (input_ids == input_ids[:1]).all(0) & (attention_mask == 1).all(0)
@@ -199,8 +188,6 @@ def _shared_prefix_rows(model: nn.Module, name: str, input_ids: Tensor, attentio
     arg = cache_kwarg(model)
     with trace(model, [name], stop=True):  # layers 0..l of the shared columns: their keys and values
         model(input_ids=input_ids[:1, :start], attention_mask=attention_mask[:1, :start], use_cache=True, **{arg: cache})
-    from memit_pl.modeling.tail import _select_cache
-
     cache = _select_cache(cache, torch.zeros(len(at), dtype=torch.long, device=input_ids.device))
     pos = torch.arange(start, width, device=input_ids.device).expand(len(at), -1)
     with trace(model, [name], inputs=True, outputs=True, stop=True) as tr:
