@@ -123,7 +123,13 @@ def main() -> None:
                     delta = edited.enter_context(editor.edited(requests[:m], memit))
                 with stage("eval"):
                     result = editor.evaluate(requests[:m])
-            update_s = stage.timings["update_s"]
+            # a resumed update re-applies the layers an interrupted run saved: their seconds count, as recorded then
+            reused = [delta.metadata.get("layer_seconds", {}).get(str(layer)) for layer in
+                      delta.metadata.get("reused_layers", [])]
+            update_s = stage.timings["update_s"] + sum(s for s in reused if s)
+            if method == "ft":  # FT-W resumed from its checkpoint or delta: the whole run's seconds
+                update_s = max(update_s, delta.metadata.get("ft_seconds") or 0.0)
+            eval_s = result.get("seconds", stage.timings["eval_s"])  # the passes' own, also when read back
             # z: the stage's seconds for the N cases; a smaller n of the grid leaves it out (it was not timed alone)
             zs = None if method == "ft" or m < n else z_s
             own = None if method != "ft" and zs is None else update_s + (zs or 0.0)
@@ -131,7 +137,7 @@ def main() -> None:
             base = unedited if m == n else {"cases": unedited["cases"][:m]}
             rows.append(row(m, result, base, method=method, n_edits=m, seconds=None if own is None else round(own, 1),
                             z_s=None if zs is None else round(zs, 1), update_s=round(update_s, 1),
-                            eval_s=round(stage.timings["eval_s"], 1),
+                            eval_s=round(eval_s, 1), **({"resumed_layers": len(reused)} if reused else {}),
                             peak_rss_mb=peaks, layers=delta.layers, settings=_settings(cfg, method, overrides),
                             **({k: delta.metadata[k] for k in ("ft_steps", "ft_final_nll")} if method == "ft" else {})))
             logging.info("%s at n=%d: %s", method, m, rows[-1])

@@ -211,6 +211,10 @@ def test_resume_reuses_saved_layers(edited, make_model, tok, tmp_path, monkeypat
     for layer in cfg.layers:
         torch.testing.assert_close(spec.out_weight(fresh, layer), spec.out_weight(model, layer))
         torch.testing.assert_close(again.dense(layer), delta.dense(layer))
+    # the layers' seconds are those the first run recorded, so a resumed update's total stays whole
+    assert delta.metadata["reused_layers"] == [] and again.metadata["reused_layers"] == list(cfg.layers)
+    assert again.metadata["layer_seconds"] == delta.metadata["layer_seconds"]
+    assert all(s > 0 for s in delta.metadata["layer_seconds"].values())
 
 
 def test_sequential_rounds_keep_the_first(edited, make_model, tok, tmp_path):

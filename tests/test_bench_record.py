@@ -90,6 +90,20 @@ def test_the_methods_benchmark_end_to_end_on_a_tiny_model(tiny_dir, tmp_path, mo
     assert rome["layers"] == [2] and memit["layers"] == [1, 2]
     methods.main()  # everything kept
     assert json.loads(out.read_text())["rows"] == rows
+    # the results file lost, the work folder kept: MEMIT's layers and evaluation are reused, and the row still
+    # reports what they cost (the layer files' seconds, the evaluation's own)
+    from memit_pl import io
+
+    again = tmp_path / "again.json"
+    monkeypatch.setattr(sys, "argv", ["methods", "--edits", str(edits), "--n", "2", "--config", str(cfg),
+                                      "--methods", "unedited,memit", "--ge-cases", "1",
+                                      "--work", str(tmp_path / "work"), "--out", str(again)])
+    methods.main()
+    resumed = json.loads(again.read_text())["rows"][-1]
+    (run_dir,) = {f.parent.parent for f in (tmp_path / "work").rglob("layer1.safetensors")}
+    layer_s = sum(io.load_tensors(f)[1]["seconds"] for f in (run_dir / "layers").glob("layer*.safetensors"))
+    assert resumed["resumed_layers"] == 2 and "resumed_layers" not in memit
+    assert layer_s > 0 and resumed["update_s"] >= round(layer_s, 1) and resumed["eval_s"] == memit["eval_s"]
 
 
 def test_the_methods_benchmark_grid_writes_figure_5(tiny_dir, tmp_path, monkeypatch):

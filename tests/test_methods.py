@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from memit_pl import MemitConfig
+from memit_pl import MemitConfig, io
 from memit_pl.functional.solve import rome_update
 from memit_pl.modeling.spec import get_spec
 from memit_pl.stages.finetune import finetune
@@ -149,10 +149,12 @@ def test_ft_resumes_from_its_checkpoint_on_the_same_trajectory(make_model, tok, 
     assert ckpt.exists()
     model = make_model("llama")  # a new process: the unedited weights again
     torch.testing.assert_close(get_spec(model).out_weight(model, 2), w0, rtol=0, atol=0)
+    before = io.load_tensors(ckpt)[1]["seconds"]
     seen = []
     resumed = finetune(model, tok, requests(), cfg, on_step=lambda s, nll: seen.append(s), checkpoint=ckpt)
     assert seen == [2, 3, 4] and resumed.metadata["ft_steps"] == full.metadata["ft_steps"] == 5
     assert resumed.metadata["ft_final_nll"] == pytest.approx(full_nll[-1], rel=1e-5)
+    assert resumed.metadata["ft_seconds"] >= before > 0  # the interrupted steps' seconds count
     torch.testing.assert_close(resumed.dense(2), full.dense(2), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="not of this run"):
         finetune(make_model("llama"), tok, requests()[:1], cfg, checkpoint=ckpt)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -253,6 +254,8 @@ class LayerUpdate(Callback):
         self.out_dir, self.key, self.prev_keys = out_dir, key, prev_keys or {}
         self.layers_left = 1
         self.outputs: list[dict] = []
+        self.started = time.perf_counter()
+        """When the current layer's pass began: the layer file records its seconds (a resumed run's total)."""
 
     def on_predict_epoch_start(self, trainer, pl_module) -> None:
         self.outputs = []
@@ -277,7 +280,8 @@ class LayerUpdate(Callback):
         resid_norm = (self.z - h).norm(dim=-1)
         if trainer is None or trainer.is_global_zero:
             io.save_tensors(layer_file(self.out_dir, layer), {"A": a, "B": b, "keys": keys, "resid_norm": resid_norm},
-                            {"key": self.key, "layer": layer, "case_ids": self.case_ids})
+                            {"key": self.key, "layer": layer, "case_ids": self.case_ids,
+                             "seconds": round(time.perf_counter() - self.started, 3)})
         if trainer is not None:
             trainer.strategy.barrier()
         rank_zero_info(f"layer {layer}: ‖Δ‖={float((a @ b.T).norm()):.4f}, mean ‖z−h^L‖={float(resid_norm.mean()):.4f}")
@@ -387,11 +391,17 @@ def apply_memit(
     update = LayerUpdate(case_ids, z, covs, memit.mom2_update_weight, out_dir, key, prev_keys, solver)
     plain = spread_over_devices(model)
     factors: dict[int, tuple[Tensor, Tensor]] = {}
+    seconds: dict[int, float | None] = {}
+    reused: list[int] = []
     for i, layer in enumerate(memit.layers):
         module.layer = layer
         update.layers_left = len(memit.layers) - i
         saved = _load_layer(out_dir, layer, key)
-        if saved is None:
+        if saved is not None:
+            reused.append(layer)
+            rank_zero_info(f"layer {layer}: reusing {layer_file(out_dir, layer)}")
+        else:
+            update.started = time.perf_counter()
             if plain:  # a model spread over devices by accelerate stays where it is: no Trainer
                 with runtime.plain_precision(model, trainer):
                     update.outputs = [module.predict_step(b, j) for j, b in runtime.plain_batches(model, loader)]
@@ -399,31 +409,32 @@ def apply_memit(
             else:
                 runtime.predict(trainer, module, callbacks=[update], dataloaders=loader, inference_mode=False)
             saved = _load_layer(out_dir, layer, key)
-        elif layer not in module.applied:
-            rank_zero_info(f"layer {layer}: reusing {layer_file(out_dir, layer)}")
         if saved is None:
             raise RuntimeError(f"layer {layer}: the update was not written to {layer_file(out_dir, layer)}")
         if layer not in module.applied:  # computed in another process (spawned workers) or resumed
             update.cast_error[layer] = add_to_weight(spec, model, layer, saved[0] @ saved[1].T)
             module.applied.add(layer)
-        factors[layer] = saved
+        factors[layer], seconds[layer] = saved[:2], saved[2]
     worst = max(update.cast_error.values(), default=0.0)
     if worst > 1e-2:
         log.warning("the weights' dtype (%s) rounds away %.1f%% of Δ (worst layer); edit float32 weights to keep it",
                     spec.out_weight(model, memit.layers[0]).dtype, 100 * worst)
     return EditDelta(factors, {"family": spec.family, "layers": list(memit.layers), "case_ids": case_ids,
                                "target_layer": memit.target_layer, "lambda": memit.mom2_update_weight,
-                               "cast_error": {str(k): v for k, v in sorted(update.cast_error.items())}})
+                               "cast_error": {str(k): v for k, v in sorted(update.cast_error.items())},
+                               "layer_seconds": {str(k): v for k, v in seconds.items()},
+                               "reused_layers": reused})
 
 
-def _load_layer(out_dir: Path, layer: int, key: str) -> tuple[Tensor, Tensor] | None:
+def _load_layer(out_dir: Path, layer: int, key: str) -> tuple[Tensor, Tensor, float | None] | None:
+    """(A, B, the seconds its pass and solve took) of a saved layer with this run key, else None."""
     path = layer_file(out_dir, layer)
     if not path.exists():
         return None
     tensors, meta = io.load_tensors(path)
     if meta.get("key") != key:
         return None
-    return tensors["A"], tensors["B"]
+    return tensors["A"], tensors["B"], meta.get("seconds")
 
 
 def saved_keys(run_dir: str | Path) -> dict[int, Tensor]:

@@ -14,6 +14,7 @@ every step re-runs blocks l.. with the LM head only at the target tokens.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,6 +42,7 @@ def finetune(model: nn.Module, tokenizer, requests: Sequence[EditRequest], memit
     are written there (atomically), and a run that finds the file resumes after its last step, on the same
     trajectory as an uninterrupted run (one step over 10,000 edits takes minutes on a CPU). The caller
     keys the path by the requests, the settings and the unedited weights, and removes it when done."""
+    started = time.perf_counter()
     spec = get_spec(model)
     layer = memit.target_layer if memit.ft_layer is None else memit.ft_layer
     weight = spec.out_weight(model, layer)
@@ -58,7 +60,9 @@ def finetune(model: nn.Module, tokenizer, requests: Sequence[EditRequest], memit
     w0 = weight.detach().clone()
     master = weight.detach().float().clone().requires_grad_(True)  # the optimised copy, float32
     opt = torch.optim.Adam([master], lr=memit.ft_lr)
-    first, nll = _resume(checkpoint, master, opt, len(requests), layer) if checkpoint is not None else (0, float("nan"))
+    first, nll, before = (_resume(checkpoint, master, opt, len(requests), layer) if checkpoint is not None
+                          else (0, float("nan"), 0.0))
+    started -= before  # an interrupted run's seconds count: ft_seconds is the whole run's
     was = weight.requires_grad
     steps, converged = first, False
     try:
@@ -87,7 +91,8 @@ def finetune(model: nn.Module, tokenizer, requests: Sequence[EditRequest], memit
             opt.step()
             opt.zero_grad(set_to_none=True)
             if checkpoint is not None:
-                _save_checkpoint(checkpoint, master, opt, step + 1, nll, len(requests), layer)
+                _save_checkpoint(checkpoint, master, opt, step + 1, nll, len(requests), layer,
+                                 time.perf_counter() - started)
         with torch.no_grad():
             if not converged:  # the last step's update is in master, not yet in the model
                 weight.copy_(master.to(weight.dtype))
@@ -100,28 +105,28 @@ def finetune(model: nn.Module, tokenizer, requests: Sequence[EditRequest], memit
     log.info("ft: layer %d, %d steps, mean NLL %.4f, ‖ΔW‖ = %.4f", layer, steps, nll, float(change.norm()))
     return EditDelta({layer: (a, b)}, {"family": spec.family, "layers": [layer], "method": "ft",
                                        "case_ids": [r.case_id for r in requests], "ft_steps": steps,
-                                       "ft_final_nll": nll})
+                                       "ft_final_nll": nll, "ft_seconds": round(time.perf_counter() - started, 3)})
 
 
 
 def _save_checkpoint(path, master: torch.Tensor, opt: torch.optim.Adam, steps: int, nll: float, n_edits: int,
-                     layer: int) -> None:
+                     layer: int, seconds: float) -> None:
     from memit_pl import io
 
     state = opt.state[master]
     io.save_tensors(path, {"weight": master.detach(), "exp_avg": state["exp_avg"], "exp_avg_sq": state["exp_avg_sq"],
                            "adam_step": torch.as_tensor(state["step"], dtype=torch.float32).reshape(1)},
-                    {"steps": steps, "nll": nll, "n_edits": n_edits, "layer": layer})
+                    {"steps": steps, "nll": nll, "n_edits": n_edits, "layer": layer, "seconds": round(seconds, 3)})
 
 
-def _resume(path, master: torch.Tensor, opt: torch.optim.Adam, n_edits: int, layer: int) -> tuple[int, float]:
-    """Load a checkpoint into ``master`` and ``opt``: (the steps it had done, the last mean NLL); (0, nan)
-    without one."""
+def _resume(path, master: torch.Tensor, opt: torch.optim.Adam, n_edits: int, layer: int) -> tuple[int, float, float]:
+    """Load a checkpoint into ``master`` and ``opt``: (the steps it had done, the last mean NLL, the seconds
+    they took); (0, nan, 0) without one."""
     from memit_pl import io
 
     path = Path(path)
     if not path.exists():
-        return 0, float("nan")
+        return 0, float("nan"), 0.0
     tensors, meta = io.load_tensors(path, device=master.device)
     if (meta.get("n_edits"), meta.get("layer")) != (n_edits, layer) or tensors["weight"].shape != master.shape:
         raise ValueError(f"{path}: an FT-W checkpoint of {meta.get('n_edits')} edits at layer {meta.get('layer')}, "
@@ -133,4 +138,4 @@ def _resume(path, master: torch.Tensor, opt: torch.optim.Adam, n_edits: int, lay
                           "exp_avg_sq": tensors["exp_avg_sq"]}}
     opt.load_state_dict(state)
     log.info("ft: resumed from %s after %d steps (mean NLL %.4f)", path, meta["steps"], meta["nll"])
-    return int(meta["steps"]), float(meta["nll"])
+    return int(meta["steps"]), float(meta["nll"]), float(meta.get("seconds", 0.0))
