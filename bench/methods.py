@@ -114,8 +114,8 @@ def main() -> None:
                 editor.zs(requests, memit)
             z_s = meter.timings["z_s"] + banked_s
         for m in sizes:
-            if (method, m) in done:
-                rows.append(done[(method, m)])
+            if (method, m) in done:  # kept; the unedited model's NS on its cases added where it lacks it
+                rows.append({**_unedited_on(unedited, requests, m), **done[(method, m)]})
                 continue
             stage = StageMeter()
             with contextlib.ExitStack() as edited:
@@ -135,7 +135,8 @@ def main() -> None:
             own = None if method != "ft" and zs is None else update_s + (zs or 0.0)
             peaks = {**({} if zs is None else {"z": meter.peak_rss_mb.get("z")}), **stage.peak_rss_mb}
             base = unedited if m == n else {"cases": unedited["cases"][:m]}
-            rows.append(row(m, result, base, method=method, n_edits=m, seconds=None if own is None else round(own, 1),
+            rows.append(row(m, result, base, **_unedited_on(unedited, requests, m), method=method, n_edits=m,
+                            seconds=None if own is None else round(own, 1),
                             z_s=None if zs is None else round(zs, 1), update_s=round(update_s, 1),
                             eval_s=round(eval_s, 1), **({"resumed_layers": len(reused)} if reused else {}),
                             peak_rss_mb=peaks, layers=delta.layers, settings=_settings(cfg, method, overrides),
@@ -144,6 +145,17 @@ def main() -> None:
             _write(out, rows, args, cfg, editor, stats_s)
     if args.sweep_out is not None:
         _write_sweep(Path(args.sweep_out), rows, n, sizes, args, cfg, editor)
+
+
+def _unedited_on(unedited: dict, requests, m: int) -> dict:
+    """The unedited model's NS and NSu on the first m cases (the level an edited row's NS compares with;
+    NSu with the first m subjects as the edited ones)."""
+    from memit_pl.stages.evaluate import SCALE, nsu_of_records
+
+    ns = [c["NS"] for c in unedited["cases"][:m] if c.get("NS") is not None]
+    nsu = nsu_of_records(unedited["cases"][:m], [r.subject for r in requests[:m]])
+    return {"NS_unedited": round(sum(ns) / len(ns) * SCALE, 2) if ns else None,
+            "NSu_unedited": None if nsu is None else round(nsu, 2)}
 
 
 def _grid(text: str, n: int) -> list[int]:

@@ -141,6 +141,9 @@ def test_the_methods_benchmark_grid_writes_figure_5(tiny_dir, tmp_path, monkeypa
     alone = run(tmp_path / "alone.json", 2, "--methods", "unedited,memit")  # the same 2 edits at --n 2
     for k in ("ES", "PS", "NS", "reliability", "generalization", "locality"):
         assert alone[1][k] == pytest.approx(rows[1][k], abs=1e-6), k
+    # each edited row carries the unedited model's NS on its own cases: the level its NS compares with
+    assert rows[1]["NS_unedited"] == pytest.approx(alone[0]["NS"], abs=0.01)
+    assert rows[3]["NS_unedited"] == pytest.approx(rows[2]["NS"], abs=0.01)
     assert run(tmp_path / "grid.json", 3, "--methods", "unedited,memit", "--grid", "1,2") == rows  # all kept
     with pytest.raises(SystemExit, match="outside 1..--n"):
         run(tmp_path / "bad.json", 3, "--methods", "memit", "--grid", "0,2")

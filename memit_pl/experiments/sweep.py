@@ -118,8 +118,9 @@ def write_sweep(out_dir: str | Path, rows: list[dict], meta: dict[str, Any]) -> 
     out_dir = Path(out_dir)
     io.write_json(out_dir / "sweep.json", {**meta, "rows": rows})
     lam = any("lam" in r for r in rows)
-    io.write_text(out_dir / "sweep.md", markdown(rows, ("n", *(("lam",) if lam else ()), *COLUMNS, "NSu_unedited",
-                                                        *EASYEDIT_COLUMNS)) + "\n")
+    same = ("NS_unedited",) if any("NS_unedited" in r for r in rows) else ()  # the unedited NS on the row's cases
+    io.write_text(out_dir / "sweep.md", markdown(rows, ("n", *(("lam",) if lam else ()), *COLUMNS, *same,
+                                                        "NSu_unedited", *EASYEDIT_COLUMNS)) + "\n")
     plot_rows(rows, "n", out_dir / "sweep.png", f"{meta.get('model')}: edits in one batch", group="lam" if lam else None,
               baseline=rows[0] if lam else None)
 
