@@ -107,17 +107,31 @@ def main() -> None:
             "run_dir": str(out),
         })
         print(json.dumps(runs[-1]), flush=True)
+        rec = _write(args, runs, warm_s, warm_rss)  # after every N: an interrupted run keeps the rows it has
+    print(json.dumps(rec, indent=2))
+
+
+def _write(args, runs: list[dict], warm_s: float, warm_rss: float) -> dict:
+    """Write the rows, keeping an earlier record's rows of other N for the same edits file and config."""
+    out = Path(args.out)
+    old = json.loads(out.read_text()) if out.exists() else {}
+    same = (old.get("edits_file"), old.get("model_config")) == (record.scrub(args.edits), record.scrub(args.config))
+    mine = {r["n_edits"] for r in runs}
+    kept = [r for r in old.get("rows", []) if same and r["n_edits"] not in mine]
     result = {
         "model_config": args.config,
         "edits_file": args.edits,
         "stats_warm_s": round(warm_s, 1),
         "stats_warm_peak_rss_mb": round(warm_rss, 1),
-        "rows": runs,
-        "note": "other_s: model loading, the before/after prediction table, writing the run directory",
+        "rows": sorted(kept + runs, key=lambda r: r["n_edits"]),
+        "note": "other_s: model loading, the before/after prediction table, writing the run directory; rows of "
+                "other N kept from earlier runs carry their own git_commit",
     }
+    for r in runs:
+        r.setdefault("git_commit", record.git_commit())
     rec = record.record("edit", result, args=args, config={"model_config": args.config})
-    record.write(args.out, rec)
-    print(json.dumps(rec, indent=2))
+    record.write(out, rec)
+    return rec
 
 
 if __name__ == "__main__":

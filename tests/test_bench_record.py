@@ -149,3 +149,28 @@ def test_the_methods_benchmark_grid_writes_figure_5(tiny_dir, tmp_path, monkeypa
         run(tmp_path / "bad.json", 3, "--methods", "memit", "--grid", "0,2")
     with pytest.raises(SystemExit, match="add unedited"):
         run(tmp_path / "bad.json", 3, "--methods", "memit", "--sweep-out", str(sweep))
+
+
+def test_the_edit_benchmark_keeps_the_rows_of_other_n(tmp_path, monkeypatch):
+    """bench.edit writes after every N and keeps an earlier record's rows of other N for the same edits file
+    (a 10,000-edit row measured in a later session joins the 1,000 one); another file's rows are dropped."""
+    import argparse
+    import json
+
+    from bench import edit
+
+    monkeypatch.setattr(edit.record, "write", lambda path, rec: path.write_text(json.dumps(rec)))
+    out = tmp_path / "edit.json"
+
+    def write(edits, rows):
+        args = argparse.Namespace(edits=edits, config="configs/smollm2-135m.yaml", out=str(out), n=[r["n_edits"] for r in rows])
+        return edit._write(args, rows, 1.0, 100.0)
+
+    write("cf.json", [{"n_edits": 1000, "total_s": 10.0, "peak_rss_mb": 1.0}])
+    rec = write("cf.json", [{"n_edits": 10000, "total_s": 99.0, "peak_rss_mb": 2.0}])
+    assert [(r["n_edits"], r["total_s"]) for r in rec["rows"]] == [(1000, 10.0), (10000, 99.0)]
+    assert json.loads(out.read_text())["rows"] == rec["rows"]
+    rec = write("cf.json", [{"n_edits": 1000, "total_s": 11.0, "peak_rss_mb": 1.0}])  # a re-run replaces its N
+    assert [(r["n_edits"], r["total_s"]) for r in rec["rows"]] == [(1000, 11.0), (10000, 99.0)]
+    rec = write("other.json", [{"n_edits": 5, "total_s": 1.0, "peak_rss_mb": 1.0}])
+    assert [r["n_edits"] for r in rec["rows"]] == [5]
