@@ -45,6 +45,23 @@ def weights(model, layers=(1, 2)):
     return {layer: spec.out_weight(model, layer).clone() for layer in layers}
 
 
+def test_edit_table_shows_the_first_edits_and_the_check_counts_all(setup, tmp_path, capsys, monkeypatch):
+    """The before -> after table lists the first TABLE_ROWS edits (10,000 rows of top-1 predictions would
+    take an hour); summary.json's efficacy check still counts every edit."""
+    from memit_pl.cli import edit as edit_cli
+
+    model_dir, edits, common = setup
+    monkeypatch.setattr(edit_cli, "TABLE_ROWS", 2)
+    out = tmp_path / "run"
+    assert main(["edit", *common, "--edits", str(edits), "--out", str(out), "--save_model", "false"]) == 0
+    printed = capsys.readouterr().out
+    assert "(the first 2 of 3 edits)" in printed and "3 edits in one batch" in printed
+    rows = [line for line in printed.splitlines() if " -> " in line and "edits" not in line]
+    assert len(rows) == 2, rows
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_edits"] == 3 and round(3 * summary["top1_new_after"]) == 3 * summary["top1_new_after"]
+
+
 def test_edit_apply_delta_revert_and_split_stages(setup, tmp_path, capsys):
     model_dir, edits, common = setup
     out = tmp_path / "run"
