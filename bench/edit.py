@@ -105,6 +105,7 @@ def main() -> None:
             "top1_new_after": summary["top1_new_after"],
             "z_mean_steps": round(summary["z_mean_steps"], 2),
             "run_dir": str(out),
+            "git_commit": record.git_commit(),  # rows of other N kept from earlier runs carry their own
         })
         print(json.dumps(runs[-1]), flush=True)
         rec = _write(args, runs, warm_s, warm_rss)  # after every N: an interrupted run keeps the rows it has
@@ -127,8 +128,6 @@ def _write(args, runs: list[dict], warm_s: float, warm_rss: float) -> dict:
         "note": "other_s: model loading, the before/after prediction table, writing the run directory; rows of "
                 "other N kept from earlier runs carry their own git_commit",
     }
-    for r in runs:
-        r.setdefault("git_commit", record.git_commit())
     rec = record.record("edit", result, args=args, config={"model_config": args.config})
     record.write(out, rec)
     return rec

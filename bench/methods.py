@@ -150,12 +150,12 @@ def main() -> None:
 def _unedited_on(unedited: dict, requests, m: int) -> dict:
     """The unedited model's NS and NSu on the first m cases (the level an edited row's NS compares with;
     NSu with the first m subjects as the edited ones)."""
-    from memit_pl.stages.evaluate import SCALE, nsu_of_records
+    from memit_pl.stages.eval_report import aggregate
+    from memit_pl.stages.evaluate import nsu_of_records
 
-    ns = [c["NS"] for c in unedited["cases"][:m] if c.get("NS") is not None]
+    ns = aggregate(unedited["cases"][:m])["NS"]
     nsu = nsu_of_records(unedited["cases"][:m], [r.subject for r in requests[:m]])
-    return {"NS_unedited": round(sum(ns) / len(ns) * SCALE, 2) if ns else None,
-            "NSu_unedited": None if nsu is None else round(nsu, 2)}
+    return {"NS_unedited": None if ns is None else round(ns, 2), "NSu_unedited": None if nsu is None else round(nsu, 2)}
 
 
 def _grid(text: str, n: int) -> list[int]:
