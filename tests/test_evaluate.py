@@ -394,6 +394,42 @@ def test_prompt_rows_share_the_prompt_between_single_token_targets():
     assert all(t.start == 1 and t.kind == 1 for r in rows for t in r.targets)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3_text"])
+def test_target_scores_equal_the_full_logits_layout_in_any_chunking(make_model, tok, family, monkeypatch):
+    """Scoring only the real target tokens from the final norm, in chunks, gives what the [targets,
+    t_max, vocab] layout gives (log-probabilities, argmax hits and tokens), one chunk or many."""
+    from memit_pl.metrics.functional import target_token_stats
+    from memit_pl.stages import evaluate as ev
+
+    model = make_model(family)
+    items = [ev.build_case(tok, r, i, CFG) for i, r in enumerate([*cf_requests(), zsre_request()])]
+    batch = ev.collate(items, tok.pad_token_id or 0, "right")
+    assert (batch["target_ids"] == -100).any()  # padding slots exist and must stay out
+    ref_logits = ev.target_logits(model, batch)
+    lp0, ok0, mask0 = target_token_stats(ref_logits, batch["target_ids"])
+    top0 = ref_logits.argmax(-1).masked_fill(~mask0, -1)
+    vocab = ref_logits.shape[-1]
+    for chunk in (ev.SCORE_CHUNK, 3 * vocab, vocab):  # one chunk, chunks of 3 tokens, one token each
+        monkeypatch.setattr(ev, "SCORE_CHUNK", chunk)
+        lp, ok, mask, top = ev.target_scores(model, batch)
+        assert torch.equal(mask, mask0) and torch.equal(ok, ok0) and torch.equal(top, top0)
+        torch.testing.assert_close(lp, lp0, atol=1e-5, rtol=0)
+
+
+def test_target_scores_of_a_model_without_a_spec_take_the_reference_layout(make_model, tok, monkeypatch):
+    from memit_pl.modeling import spec as spec_mod
+    from memit_pl.stages import evaluate as ev
+
+    model = make_model("llama")
+    items = [ev.build_case(tok, r, i, CFG) for i, r in enumerate(cf_requests())]
+    batch = ev.collate(items, tok.pad_token_id or 0, "right")
+    want = ev.target_scores(model, batch)
+    monkeypatch.delitem(spec_mod.SPECS, "llama")
+    got = ev.target_scores(model, batch)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
 @pytest.mark.slow
 def test_smollm2_scores_match_the_reference_algorithm(smollm2):
     """On the real tokenizer: our per-prompt NLLs equal the reference's ``test_batch_prediction``

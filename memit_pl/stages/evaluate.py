@@ -98,7 +98,10 @@ def _keeps_row_positions() -> bool:
 
 
 def target_logits(model: nn.Module, batch: dict[str, Any]) -> Tensor:
-    """Logits at the positions that predict each target token: [targets, t_max, vocab]."""
+    """Logits at the positions that predict each target token: [targets, t_max, vocab] (padding slots too).
+
+    The reference layout, kept for models without a ``ModelSpec``; :func:`target_scores` projects only
+    the real target tokens and is what the evaluation uses."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
     keep = batch["keep"]
     logits = None
@@ -110,6 +113,60 @@ def target_logits(model: nn.Module, batch: dict[str, Any]) -> Tensor:
         full = model(**inputs, use_cache=False).logits
         logits = full.gather(1, keep.unsqueeze(-1).expand(-1, -1, full.shape[-1]))
     return logits[batch["target_row"].unsqueeze(-1), batch["target_slot"]]
+
+
+SCORE_CHUNK = 2**26
+"""At most this many logits (rows x vocabulary) exist at once while target tokens are scored: 256 MB in
+fp32, whatever the vocabulary (262,144 for Gemma 3) and however long the answers (zsRE's)."""
+
+
+def target_scores(model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per target token [targets, t_max]: log-probability, whether it is the argmax, whether it exists, and
+    the argmax token (-1 where absent); as :func:`target_token_stats` of :func:`target_logits`.
+
+    The final norm's output is read with a hook (the forward stops there) and the LM head runs only on
+    the positions of real target tokens, in chunks of :data:`SCORE_CHUNK` logits: no [targets, t_max,
+    vocab] tensor is ever built (zsRE's multi-token answers padded it to gigabytes). Models without a
+    ``ModelSpec`` take the reference layout."""
+    from memit_pl.modeling.hooks import trace
+    from memit_pl.modeling.spec import UnknownModelFamily, get_spec
+    from memit_pl.modeling.tail import Tail
+
+    tgt = batch["target_ids"]
+    mask = tgt != -100
+    try:
+        spec = get_spec(model)
+    except UnknownModelFamily:
+        logits = target_logits(model, batch)
+        lp, ok, mask = target_token_stats(logits, tgt)
+        return lp, ok, mask, logits.argmax(-1).masked_fill(~mask, -1)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    name = spec.name("final_norm")
+    with trace(model, [name], stop=True) as tr:
+        model(**inputs, use_cache=False)
+    normed = tr[name].output  # [rows, width, d_model], on the last device of a model spread over several
+    rows = batch["target_row"].unsqueeze(-1).expand_as(tgt)[mask].to(normed.device)
+    pos = batch["keep"][batch["target_row"].unsqueeze(-1), batch["target_slot"]][mask].to(normed.device)
+    ids = tgt[mask]
+    vocab = spec.module(model, "lm_head").weight.shape[0]
+    step = max(1, SCORE_CHUNK // vocab)
+    lp_f, ok_f, top_f = [], [], []
+    for i in range(0, len(ids), step):
+        logits = Tail.logits(model, spec, normed[rows[i : i + step], pos[i : i + step]]).float()
+        want = ids[i : i + step].to(logits.device)
+        lp_f.append(torch.log_softmax(logits, dim=-1).gather(-1, want.unsqueeze(-1)).squeeze(-1))
+        top = logits.argmax(-1)
+        ok_f.append(top == want)
+        top_f.append(top)
+    dev = tgt.device
+    lp = torch.zeros(tgt.shape, dtype=torch.float32, device=dev)
+    ok = torch.zeros(tgt.shape, dtype=torch.bool, device=dev)
+    top = torch.full(tgt.shape, -1, dtype=torch.long, device=dev)
+    if len(ids):
+        lp[mask] = torch.cat(lp_f).to(dev)
+        ok[mask] = torch.cat(ok_f).to(dev)
+        top[mask] = torch.cat(top_f).to(dev)
+    return lp, ok, mask, top
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,9 +213,7 @@ class EvalModule(L.LightningModule):
 
     @override
     def predict_step(self, batch: dict[str, Any], batch_idx: int = 0) -> list[dict[str, Any]]:
-        logits = target_logits(self.model, batch)
-        lp, ok, tmask = target_token_stats(logits, batch["target_ids"])
-        top = logits.argmax(-1).masked_fill(~tmask, -1)  # [targets, t_max]: EasyEdit's Locality compares these
+        lp, ok, tmask, top = target_scores(self.model, batch)  # top: EasyEdit's Locality compares these
         nll = mean_nll(lp, tmask)
         pc, pk, pn, pt = (batch[k] for k in ("pair_case", "pair_kind", "pair_new", "pair_true"))
         ac, ak, ar = batch["acc_case"], batch["acc_kind"], batch["acc_target"]
