@@ -6,13 +6,12 @@
 ``eval old`` scores with the full-logits layout (``target_logits`` + ``target_token_stats``), ``eval new``
 with ``target_scores``; both print the zsRE/CounterFact metrics so their equality can be read off. ``z`` runs
 the BATCH edits with the most live tokens among the first N (``by_live_length``) for two z steps: the peak
-is at the first step, where every edit is still active. A sampling thread reads /proc/self/statm every 10 ms.
+is at the first step, where every edit is still active. Peaks: ``StageMeter`` sampling every 10 ms.
 """
 
 from __future__ import annotations
 
 import sys
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -24,22 +23,12 @@ sys.path.insert(0, str(ROOT))
 
 from memit_pl.config import Config, EvalConfig, TrainerConfig  # noqa: E402
 from memit_pl.data.edits import load_edits  # noqa: E402
-
-peak = [0.0]
-
-
-def rss_mb() -> float:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
-
-
-def _sample() -> None:
-    while True:
-        peak[0] = max(peak[0], rss_mb())
-        time.sleep(0.01)
+from memit_pl.stages.meter import StageMeter, rss_mb  # noqa: E402
 
 
 def main() -> None:
     torch.set_num_threads(1)
+    meter = StageMeter(interval=0.01)
     what, rest = sys.argv[1], sys.argv[2:]
     if what == "eval":
         from memit_pl.metrics.functional import target_token_stats
@@ -56,10 +45,10 @@ def main() -> None:
         model, tok = load_model("smollm2-135m", device="cpu")
         reqs = load_edits(data, tokenizer=tok, limit=n, drop_empty=True, drop_conflicting=True)
         base = rss_mb()
-        threading.Thread(target=_sample, daemon=True).start()
-        t = time.time()
-        m = ev.evaluate_requests(model, tok, reqs, EvalConfig(max_generation_prompts=0))["metrics"]
-        print(mode, Path(data).name, n, f"base {base:.0f} MB peak {peak[0]:.0f} MB {time.time() - t:.0f}s",
+        with meter("eval"):
+            m = ev.evaluate_requests(model, tok, reqs, EvalConfig(max_generation_prompts=0))["metrics"]
+        print(mode, Path(data).name, n,
+              f"base {base:.0f} MB peak {meter.peak_rss_mb['eval']:.0f} MB {meter.timings['eval_s']:.0f}s",
               {k: round(m[k], 4) for k in ("acc_rewrite", "acc_paraphrase", "acc_neighborhood", "ES", "PS")})
     elif what == "z":
         from memit_pl.editor import MEMIT
@@ -73,11 +62,10 @@ def main() -> None:
         reqs = load_edits(data, tokenizer=ed.tokenizer, limit=n, drop_empty=True, drop_conflicting=True)
         reqs = by_live_length(ed.tokenizer, reqs)[-bs:]
         base = rss_mb()
-        threading.Thread(target=_sample, daemon=True).start()
-        t = time.time()
-        ed.zs(reqs)
+        with meter("z"):
+            ed.zs(reqs)
         print(Path(data).name, "bs", bs, "max live", max(live_length(ed.tokenizer, r) for r in reqs),
-              f"base {base:.0f} MB peak {peak[0]:.0f} MB, {time.time() - t:.0f}s")
+              f"base {base:.0f} MB peak {meter.peak_rss_mb['z']:.0f} MB, {meter.timings['z_s']:.0f}s")
     else:
         raise SystemExit(f"unknown case {what!r}: eval or z")
 
