@@ -204,8 +204,8 @@ def _settings(cfg: Config, method: str, overrides: dict) -> dict | None:
     m = asdict(replace(cfg.memit, method=method, **overrides.get(method, {})))
     keys = {"ft": ("ft_layer", "ft_lr", "ft_steps", "ft_weight_decay", "ft_loss_threshold"),
             "rome": ("layers",), "memit": ("layers", "mom2_update_weight"),
-            "alphaedit": ("layers", "nullspace_threshold", "alphaedit_l2")}[method]
-    out = {k: m[k] for k in keys}
+            "alphaedit": ("layers", "nullspace_threshold", "alphaedit_l2", "nullspace_energy")}[method]
+    out = {k: m[k] for k in keys if not (k == "nullspace_energy" and m[k] is None)}  # absent from old rows
     if method != "ft" and m["context_source"] != "model":  # z's prefixes (the default is left out of old rows)
         out["context_source"] = m["context_source"]
     return out

@@ -3,11 +3,14 @@ model, MEMIT-in-rounds against AlphaEdit, all edits so far evaluated every K rou
 
     .venv/bin/python -m bench.rounds [--n 2000] [--round-size 100] [--every 5] [--methods memit,alphaedit]
                                      [--ge-cases 500] [--work runs/rounds] [--out bench/results/methods/rounds.json]
+                                     [--label NAME --set memit.KEY=VALUE ...]
 
 Each method is one `memit-pl edit --round_size R --evaluate_every K` run in its own process, resumable
 between rounds from its run directory under ``--work`` (re-run the same command after an interruption).
 A method already in ``--out`` under the same protocol (N, round size, K) is kept when another is run
 (``--methods alphaedit`` after ``--methods memit``), so the two can be measured in separate sessions.
+``--label`` and ``--set`` add a variant of one method as its own arm (its own run directory and rows), e.g.
+``--methods alphaedit --label alphaedit-e0.05 --set memit.nullspace_energy=0.05``.
 Writes the rows of both (``method``, ``edits_so_far``, ES, PS, NS, GE and EasyEdit's metrics) to ``--out``
 (the schema of bench/record.py) and plots them against the number of edits so far (``rounds.png`` beside it).
 """
@@ -38,27 +41,42 @@ def main() -> None:
     ap.add_argument("--ge-cases", type=int, default=500)
     ap.add_argument("--work", default="runs/rounds")
     ap.add_argument("--out", default=str(ROOT / "bench/results/methods/rounds.json"))
+    ap.add_argument("--label", help="the arm's name in the record and its run directory (default: the method); "
+                                    "one method only")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for the arm, e.g. memit.nullspace_energy=0.05 (repeatable)")
     args = ap.parse_args()
     record.preflight("bench.rounds", args)
     out_path = Path(args.out)
     old = json.loads(out_path.read_text()) if out_path.exists() else {}
     same = (old.get("n_edits"), old.get("round_size"), old.get("evaluate_every")) == (args.n, args.round_size, args.every)
     methods = [m for m in args.methods.split(",") if m]
-    # a method measured earlier under the same protocol is kept: each method can run in its own session
-    rows = [r for r in old.get("rows", []) if same and r["method"] not in methods]
-    runs = {m: r for m, r in old.get("runs", {}).items() if same and m not in methods}
+    if (args.label or args.set) and len(methods) != 1:
+        ap.error("--label and --set name one arm: give one method")
+    labels = {m: args.label or m for m in methods}
+    overrides = []
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            ap.error(f"--set {item!r}: expected KEY=VALUE")
+        overrides += [f"--{key}", value]
+    # an arm measured earlier under the same protocol is kept: each arm can run in its own session
+    rows = [r for r in old.get("rows", []) if same and r["method"] not in labels.values()]
+    runs = {m: r for m, r in old.get("runs", {}).items() if same and m not in labels.values()}
     for method in methods:
-        out = Path(args.work) / method
+        label = labels[method]
+        out = Path(args.work) / label
         wall, rss = run_measured(cli() + [
             "edit", "--config", args.config, "--edits", args.edits, "--limit", str(args.n), "--drop_conflicts", "true",
             "--round_size", str(args.round_size), "--evaluate_every", str(args.every), "--memit.method", method,
             "--eval.generation_cases", str(args.ge_cases), "--save_model", "false",
-            "--trainer.enable_progress_bar", "false", "--out", str(out)])
+            "--trainer.enable_progress_bar", "false", "--out", str(out)] + overrides)
         got = json.loads((out / "rounds.json").read_text())
-        rows += got["rows"]
-        runs[method] = {"wall_s": round(wall, 1), "peak_rss_mb": round(rss, 1), "layers": got["layers"],
-                        "compute_dtype": got["compute_dtype"], "git_commit": record.git_commit(),
-                        "device": record.device(), "date": time.strftime("%Y-%m-%d")}
+        rows += [{**r, "method": label} for r in got["rows"]]
+        runs[label] = {"method": method, "overrides": args.set, "wall_s": round(wall, 1),
+                       "peak_rss_mb": round(rss, 1), "layers": got["layers"],
+                       "compute_dtype": got["compute_dtype"], "git_commit": record.git_commit(),
+                       "device": record.device(), "date": time.strftime("%Y-%m-%d")}
         _write(args, rows, runs)
 
 

@@ -105,6 +105,10 @@ class MemitConfig:
     ``ft_layer`` on the rewrite prompts, no z and no statistics; the paper's Appendix B.1)."""
     nullspace_threshold: float = 2e-2
     """alphaedit: eigenvalues of E[k kᵀ] below this span the null space the update is projected onto."""
+    nullspace_energy: float | None = None
+    """alphaedit: when set, the null space is instead the smallest eigen-directions of E[k kᵀ] that together
+    hold at most this share of its trace (of the preserved keys' energy); free of the model's key scale,
+    where ``nullspace_threshold`` is absolute."""
     alphaedit_l2: float = 10.0
     """alphaedit: the ridge weight α of its solve."""
     ft_layer: int | None = None
@@ -125,6 +129,8 @@ class MemitConfig:
             raise ValueError("memit.layers must name at least one layer")
         if sorted(set(self.layers)) != list(self.layers):
             raise ValueError(f"memit.layers must be strictly ascending, got {self.layers}")
+        if self.nullspace_energy is not None and not 0 <= self.nullspace_energy < 1:
+            raise ValueError(f"memit.nullspace_energy must be in [0, 1), got {self.nullspace_energy}")
         if self.mom2_update_weight < 0:
             raise ValueError("memit.mom2_update_weight (λ) must be >= 0")
         if "{}" not in self.essence_prompt:

@@ -225,7 +225,7 @@ class MEMIT:
         if memit.method == "rome":
             return RomeSolver()
 
-        key = (memit.nullspace_threshold, memit.alphaedit_l2)
+        key = (memit.nullspace_threshold, memit.alphaedit_l2, memit.nullspace_energy)
         if key not in self._solvers:
             self._solvers[key] = AlphaEditSolver(*key)
         return self._solvers[key]
@@ -381,9 +381,16 @@ def _hub_name(model: nn.Module) -> str | None:
     return getattr(cfg, "_name_or_path", None) or None
 
 
+_LATER_KEYS = ("nullspace_energy",)
+
+
 def _tag(requests: Sequence[EditRequest], memit: MemitConfig, prev_keys: dict[int, Tensor] | None = None) -> str:
     prev = {str(k): [int(v.shape[0]), float(v.double().sum())] for k, v in sorted((prev_keys or {}).items())}
-    data = json.dumps({"cases": [r.case_id for r in requests], "memit": asdict(memit), "prev": prev}, sort_keys=True)
+    settings = asdict(memit)
+    for name in _LATER_KEYS:  # keys added after runs were saved: at their default they leave the name as it was
+        if settings.get(name) is None:
+            settings.pop(name, None)
+    data = json.dumps({"cases": [r.case_id for r in requests], "memit": settings, "prev": prev}, sort_keys=True)
     return "edit-" + hashlib.sha256(data.encode()).hexdigest()[:12]
 
 

@@ -53,3 +53,19 @@ def test_another_protocol_starts_a_new_file(run):
     run("--methods", "memit")
     other = run("--methods", "alphaedit", "--every", "4")
     assert [r["method"] for r in other["rows"]] == ["alphaedit"]
+
+
+def test_a_labelled_variant_is_its_own_arm_with_its_overrides(run, monkeypatch):
+    seen = []
+    monkeypatch.setattr(rounds, "run_measured", lambda cmd: seen.append(cmd) or fake_edit_run(cmd))
+    run("--methods", "alphaedit")
+    both = run("--methods", "alphaedit", "--label", "alphaedit-e0.05", "--set", "memit.nullspace_energy=0.05")
+    assert [r["method"] for r in both["rows"]] == ["alphaedit"] * 2 + ["alphaedit-e0.05"] * 2
+    cmd = seen[-1]
+    assert cmd[cmd.index("--memit.nullspace_energy") + 1] == "0.05" and cmd[cmd.index("--out") + 1] == "work/alphaedit-e0.05"
+    assert both["runs"]["alphaedit-e0.05"]["method"] == "alphaedit"
+    assert both["runs"]["alphaedit-e0.05"]["overrides"] == ["memit.nullspace_energy=0.05"]
+    with pytest.raises(SystemExit):
+        run("--methods", "memit,alphaedit", "--label", "x")
+    with pytest.raises(SystemExit):
+        run("--methods", "alphaedit", "--set", "memit.nullspace_energy")

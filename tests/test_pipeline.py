@@ -66,6 +66,18 @@ def test_edit_table_shows_the_first_edits_and_the_check_counts_all(setup, tmp_pa
     assert summary["n_edits"] == 3 and checked == [3, 3]
 
 
+def test_an_alphaedit_run_records_what_its_null_space_keeps(setup, tmp_path):
+    _, edits, common = setup
+    out = tmp_path / "alpha"
+    assert main(["edit", *common, "--edits", str(edits), "--out", str(out), "--save_model", "false",
+                 "--memit.method", "alphaedit", "--memit.nullspace_energy", "0.05"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    spaces = summary["null_space"]
+    assert set(spaces) == {"1", "2"}
+    for report in spaces.values():
+        assert 0 < report["null_dims"] < report["d_key"] and 0 <= report["energy_pct"] <= 5.0
+
+
 def test_edit_apply_delta_revert_and_split_stages(setup, tmp_path, capsys):
     model_dir, edits, common = setup
     out = tmp_path / "run"

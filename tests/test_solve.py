@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from memit_pl.functional.solve import solve_update, spread_residual, through_post_norm
@@ -154,3 +155,45 @@ def test_alphaedit_leaves_the_preserved_directions_alone_and_fits_the_edits_in_t
     torch.testing.assert_close((delta @ keys.double().T).T.float(), resid, atol=1e-3, rtol=1e-3)
     assert solver.projector(cov32) is solver.projector(cov32)  # computed once per covariance
     assert solver.name == "alphaedit_t0.01_l21e-06"
+
+
+def test_the_energy_criterion_takes_the_smallest_directions_up_to_that_share_of_the_trace():
+    from memit_pl.functional.solve import AlphaEditSolver, null_space_projector, null_space_report
+
+    d, big = 16, 10
+    cov, q = _cov_with_spectrum(d, big)  # 6 eigenvalues of 1e-4, 10 in (1, 2)
+    evals = torch.linalg.eigvalsh(cov)
+    share = 6e-4 / float(evals.sum())  # the six small ones' share, counted by hand
+    by_energy = null_space_projector(cov, threshold=0.0, energy=1.5 * share)
+    torch.testing.assert_close(by_energy, q[:, big:] @ q[:, big:].T, atol=1e-8, rtol=0)
+    torch.testing.assert_close(by_energy, null_space_projector(cov, threshold=1e-2), atol=1e-10, rtol=0)
+    report = null_space_report(cov, threshold=0.0, energy=1.5 * share)
+    assert report["null_dims"] == 6 and report["d_key"] == d
+    assert abs(report["energy_pct"] - round(share * 100, 2)) < 1e-9
+    # one more direction would pass the share: the smallest of the large eigenvalues is not taken
+    assert null_space_report(cov, threshold=0.0, energy=share * 0.99)["null_dims"] == 5
+    assert null_space_report(cov, threshold=1e-2)["null_dims"] == 6  # the absolute threshold, counted the same
+    solver = AlphaEditSolver(threshold=1e-2, l2=1.0, energy=0.05)
+    assert solver.name == "alphaedit_e0.05_l21"
+    solver.projector(cov.float())
+    assert solver.reports == [null_space_report(cov.float(), 1e-2, 0.05)]
+
+
+def test_nullspace_energy_is_checked_and_leaves_older_run_names_alone():
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    from memit_pl.config import MemitConfig
+    from memit_pl.data.edits import EditRequest
+    from memit_pl.editor import _tag
+
+    with pytest.raises(ValueError, match="memit.nullspace_energy must be in"):
+        MemitConfig(nullspace_energy=1.5)
+    reqs = [EditRequest.of("{} is the capital of", "Paris", "Italy")]
+    memit = MemitConfig()
+    settings = {k: v for k, v in asdict(memit).items() if k != "nullspace_energy"}
+    before = "edit-" + hashlib.sha256(json.dumps({"cases": [r.case_id for r in reqs], "memit": settings, "prev": {}},
+                                                 sort_keys=True).encode()).hexdigest()[:12]
+    assert _tag(reqs, memit) == before
+    assert _tag(reqs, MemitConfig(nullspace_energy=0.01)) != before

@@ -107,12 +107,32 @@ def _spd_solve(a: Tensor, rhs: Tensor) -> Tensor:
     return torch.linalg.pinv(a, hermitian=True) @ rhs
 
 
-def null_space_projector(cov: Tensor, threshold: float) -> Tensor:
+def null_space_projector(cov: Tensor, threshold: float, energy: float | None = None) -> Tensor:
     """AlphaEdit's P = U₀ U₀ᵀ: the projection onto the span of the eigenvectors of C = E[k kᵀ] whose
-    eigenvalues are below ``threshold``, the directions the preserved keys barely use. [d_key, d_key] float64."""
-    evals, evecs = torch.linalg.eigh(cov.to(torch.float64))
-    null = evecs[:, evals < threshold]
+    eigenvalues are below ``threshold``, the directions the preserved keys barely use. With ``energy`` set,
+    U₀ is instead the longest run of smallest-eigenvalue directions whose eigenvalues sum to at most that
+    share of trace(C) (the share of E[‖k‖²] the projection lets through), a criterion free of the model's
+    key scale. [d_key, d_key] float64."""
+    evals, evecs = torch.linalg.eigh(cov.to(torch.float64))  # ascending
+    null = evecs[:, _null_mask(evals, threshold, energy)]
     return null @ null.T
+
+
+def _null_mask(evals: Tensor, threshold: float, energy: float | None) -> Tensor:
+    if energy is None:
+        return evals < threshold
+    share = evals.clamp_min(0).cumsum(0) / evals.clamp_min(0).sum().clamp_min(1e-300)
+    return share <= energy
+
+
+def null_space_report(cov: Tensor, threshold: float, energy: float | None = None) -> dict:
+    """What a projector keeps: the null space's dimension out of d_key and the share of the preserved keys'
+    energy, E[‖P k‖²] / E[‖k‖²] = Σ null eigenvalues / trace(C), that the update can still reach (percent)."""
+    evals = torch.linalg.eigvalsh(cov.to(torch.float64))
+    mask = _null_mask(evals, threshold, energy)
+    pos = evals.clamp_min(0)
+    return {"null_dims": int(mask.sum()), "d_key": int(evals.numel()),
+            "energy_pct": round(float(pos[mask].sum() / pos.sum().clamp_min(1e-300)) * 100, 2)}
 
 
 def alphaedit_update(keys: Tensor, resid: Tensor, projector: Tensor, l2: float,
@@ -142,17 +162,24 @@ def alphaedit_update(keys: Tensor, resid: Tensor, projector: Tensor, l2: float,
 class AlphaEditSolver:
     """The update rule of AlphaEdit as a solver for :func:`memit_pl.stages.apply.apply_memit` (the covariance
     weight λ is not used: the projection preserves, the ridge α regularises); P is computed once per
-    covariance matrix."""
+    covariance matrix, and what it keeps (:func:`null_space_report`) is logged then."""
 
-    def __init__(self, threshold: float = 2e-2, l2: float = 10.0):
-        self.threshold, self.l2 = threshold, l2
-        self.name = f"alphaedit_t{threshold:g}_l2{l2:g}"
+    def __init__(self, threshold: float = 2e-2, l2: float = 10.0, energy: float | None = None):
+        self.threshold, self.l2, self.energy = threshold, l2, energy
+        crit = f"t{threshold:g}" if energy is None else f"e{energy:g}"
+        self.name = f"alphaedit_{crit}_l2{l2:g}"
         self._projectors: dict[tuple, Tensor] = {}
+        self.reports: list[dict] = []
 
     def projector(self, cov: Tensor) -> Tensor:
         key = (cov.data_ptr(), tuple(cov.shape), str(cov.device))
         if key not in self._projectors:
-            self._projectors[key] = null_space_projector(cov, self.threshold)
+            self._projectors[key] = null_space_projector(cov, self.threshold, self.energy)
+            report = null_space_report(cov, self.threshold, self.energy)
+            self.reports.append(report)
+            log.info("alphaedit: null space of %d of %d key dimensions, %.1f%% of the preserved keys' energy "
+                     "(%s)", report["null_dims"], report["d_key"], report["energy_pct"],
+                     f"eigenvalues < {self.threshold:g}" if self.energy is None else f"energy ≤ {self.energy:g}")
         return self._projectors[key]
 
     def __call__(self, keys: Tensor, resid: Tensor, cov: Tensor, lam: float,
