@@ -214,9 +214,9 @@ class MEMIT:
         return apply_memit(self.model, self.tokenizer, requests, store, self.covariances(memit.layers), memit,
                            out_dir, trainer=self.config.trainer, prev_keys=prev_keys,
                            cov_ids={layer: self._cov_id for layer in memit.layers}, prev_ids=list(prev_ids),
-                           solver=self.solver or self._method_solver(memit))
+                           solver=self.solver or self.method_solver(memit))
 
-    def _method_solver(self, memit: MemitConfig) -> Solver | None:
+    def method_solver(self, memit: MemitConfig) -> Solver | None:
         """The solver of ``memit.method`` (None: Eqn. 14), one per setting so its projections are reused."""
         if memit.method in ("memit", "ft"):
             return None

@@ -175,8 +175,9 @@ def test_the_energy_criterion_takes_the_smallest_directions_up_to_that_share_of_
     assert null_space_report(cov, threshold=1e-2)["null_dims"] == 6  # the absolute threshold, counted the same
     solver = AlphaEditSolver(threshold=1e-2, l2=1.0, energy=0.05)
     assert solver.name == "alphaedit_e0.05_l21"
-    solver.projector(cov.float())
-    assert solver.reports == [null_space_report(cov.float(), 1e-2, 0.05)]
+    cov32 = cov.float()
+    assert solver.report(cov32) == null_space_report(cov32, 1e-2, 0.05)
+    assert solver.projector(cov32) is solver.projector(cov32)  # one decomposition per covariance
 
 
 def test_nullspace_energy_is_checked_and_leaves_older_run_names_alone():

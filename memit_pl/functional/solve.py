@@ -113,26 +113,25 @@ def null_space_projector(cov: Tensor, threshold: float, energy: float | None = N
     U₀ is instead the longest run of smallest-eigenvalue directions whose eigenvalues sum to at most that
     share of trace(C) (the share of E[‖k‖²] the projection lets through), a criterion free of the model's
     key scale. [d_key, d_key] float64."""
-    evals, evecs = torch.linalg.eigh(cov.to(torch.float64))  # ascending
-    null = evecs[:, _null_mask(evals, threshold, energy)]
-    return null @ null.T
-
-
-def _null_mask(evals: Tensor, threshold: float, energy: float | None) -> Tensor:
-    if energy is None:
-        return evals < threshold
-    share = evals.clamp_min(0).cumsum(0) / evals.clamp_min(0).sum().clamp_min(1e-300)
-    return share <= energy
+    return null_space(cov, threshold, energy)[0]
 
 
 def null_space_report(cov: Tensor, threshold: float, energy: float | None = None) -> dict:
     """What a projector keeps: the null space's dimension out of d_key and the share of the preserved keys'
     energy, E[‖P k‖²] / E[‖k‖²] = Σ null eigenvalues / trace(C), that the update can still reach (percent)."""
-    evals = torch.linalg.eigvalsh(cov.to(torch.float64))
-    mask = _null_mask(evals, threshold, energy)
+    return null_space(cov, threshold, energy)[1]
+
+
+def null_space(cov: Tensor, threshold: float, energy: float | None = None) -> tuple[Tensor, dict]:
+    """:func:`null_space_projector` and :func:`null_space_report` from one eigendecomposition."""
+    evals, evecs = torch.linalg.eigh(cov.to(torch.float64))  # ascending
     pos = evals.clamp_min(0)
-    return {"null_dims": int(mask.sum()), "d_key": int(evals.numel()),
-            "energy_pct": round(float(pos[mask].sum() / pos.sum().clamp_min(1e-300)) * 100, 2)}
+    total = pos.sum().clamp_min(1e-300)
+    mask = evals < threshold if energy is None else pos.cumsum(0) / total <= energy
+    null = evecs[:, mask]
+    report = {"null_dims": int(mask.sum()), "d_key": int(evals.numel()),
+              "energy_pct": round(float(pos[mask].sum() / total) * 100, 2)}
+    return null @ null.T, report
 
 
 def alphaedit_update(keys: Tensor, resid: Tensor, projector: Tensor, l2: float,
@@ -168,19 +167,24 @@ class AlphaEditSolver:
         self.threshold, self.l2, self.energy = threshold, l2, energy
         crit = f"t{threshold:g}" if energy is None else f"e{energy:g}"
         self.name = f"alphaedit_{crit}_l2{l2:g}"
-        self._projectors: dict[tuple, Tensor] = {}
-        self.reports: list[dict] = []
+        self._spaces: dict[tuple, tuple[Tensor, dict]] = {}
 
-    def projector(self, cov: Tensor) -> Tensor:
+    def _space(self, cov: Tensor) -> tuple[Tensor, dict]:
         key = (cov.data_ptr(), tuple(cov.shape), str(cov.device))
-        if key not in self._projectors:
-            self._projectors[key] = null_space_projector(cov, self.threshold, self.energy)
-            report = null_space_report(cov, self.threshold, self.energy)
-            self.reports.append(report)
+        if key not in self._spaces:
+            self._spaces[key] = null_space(cov, self.threshold, self.energy)
+            report = self._spaces[key][1]
             log.info("alphaedit: null space of %d of %d key dimensions, %.1f%% of the preserved keys' energy "
                      "(%s)", report["null_dims"], report["d_key"], report["energy_pct"],
                      f"eigenvalues < {self.threshold:g}" if self.energy is None else f"energy ≤ {self.energy:g}")
-        return self._projectors[key]
+        return self._spaces[key]
+
+    def projector(self, cov: Tensor) -> Tensor:
+        return self._space(cov)[0]
+
+    def report(self, cov: Tensor) -> dict:
+        """:func:`null_space_report` of ``cov``, from the decomposition its projector came from."""
+        return self._space(cov)[1]
 
     def __call__(self, keys: Tensor, resid: Tensor, cov: Tensor, lam: float,
                  prev_keys: Tensor | None = None) -> tuple[Tensor, Tensor]:

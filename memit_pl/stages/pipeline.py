@@ -98,11 +98,9 @@ def apply_stage(
         "z_mean_loss": float(store.tensors["loss"].mean()),
         "z_mean_steps": float(store.tensors["steps"].float().mean()),
     }
-    if memit.method == "alphaedit":  # what the projection keeps, per layer
-        from memit_pl.functional.solve import null_space_report
-
-        summary["null_space"] = {str(layer): null_space_report(cov, memit.nullspace_threshold, memit.nullspace_energy)
-                                 for layer, cov in editor.covariances(memit.layers).items()}
+    if memit.method == "alphaedit":  # what the projection keeps, per layer (the solver's own decomposition)
+        solver = editor.method_solver(memit)
+        summary["null_space"] = {str(layer): solver.report(cov) for layer, cov in editor.covariances(memit.layers).items()}
     return _save(editor, out_dir, summary, save_model, meter)
 
 
