@@ -11,12 +11,15 @@ the median relative difference of z, the covariance matrices' relative differenc
 and the seconds of each stage. The z stores and statistics are resumed from ``--work`` and the cache.
 ``--zbank`` seeds the float32 arm's z store from ``bench/zbank/<model>/`` (float32 z of counterfact-train,
 bench/zbank.py); its z seconds are then the banked chunks' (timed alone in the session that banked them),
-not a measurement of this run. The compute arm always optimises its own z.
+not a measurement of this run. The compute arm always optimises its own z. The z figures compare the N
+edits' own rows (a seeded store holds more). ``--rescore`` recomputes the z figures of an existing record
+from the two z stores in ``--work`` (no model passes) and keeps its other figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import resource
 import statistics
@@ -48,6 +51,8 @@ def main() -> None:
     ap.add_argument("--zbank", action="store_true",
                     help="seed the float32 arm's z from bench/zbank/<model> (its z seconds are then the bank's)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/precision.json"))
+    ap.add_argument("--rescore", action="store_true",
+                    help="recompute the z figures of --out from the z stores in the work directories, nothing else")
     args = ap.parse_args()
     record.preflight("bench.precision", args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -55,6 +60,9 @@ def main() -> None:
     base = replace(base, trainer=TrainerConfig(enable_progress_bar=False), eval=replace(base.eval, max_generation_prompts=0))
     model, tok = load_model(base.model.name, device="cpu")
     requests = load_edits(args.edits, tokenizer=tok, limit=args.n, drop_conflicting=True)
+    ids = [r.case_id for r in requests]
+    if args.rescore:
+        return rescore(args, base, model, ids)
     out, covs, zs = {}, {}, {}
     for name, dtype in (("fp32", "float32"), ("compute", args.compute)):
         cfg = replace(base, model=replace(base.model, compute_dtype=dtype))
@@ -81,26 +89,64 @@ def main() -> None:
         zs[name] = store
         out[name] = {"compute_dtype": editor.compute_dtype, "ES": round(m["ES"], 2), "PS": round(m["PS"], 2),
                      "NS": round(m["NS"], 2), "S": round(m["S"], 2),
-                     "mean_z_loss": round(float(store.tensors["loss"].mean()), 4),
                      "seconds": {"stats": round(t1 - t0, 1), "z": round(z_s, 1), "update": round(t3 - t2, 1),
                                  "evaluate": round(t4 - t3, 1)},
                      "z_from_bank": banked_s is not None}
         logging.info("%s: %s", name, out[name])
-    ids = [r.case_id for r in requests]
-    z32, zc = zs["fp32"].z_for(ids), zs["compute"].z_for(ids)
-    rel = ((zc - z32).norm(dim=-1) / z32.norm(dim=-1)).tolist()
     cov_rel = {str(layer): round(float((covs["compute"][layer] - c).norm() / c.norm()), 5) for layer, c in covs["fp32"].items()}
-    loss32, lossc = out["fp32"]["mean_z_loss"], out["compute"]["mean_z_loss"]
+    per_arm, z_figs = z_figures(zs["fp32"], zs["compute"], ids)
+    for name in out:
+        out[name].update(per_arm[name])
     figures = {**out, "n_edits": len(requests),
                "diff_points": {k: round(out["compute"][k] - out["fp32"][k], 2) for k in ("ES", "PS", "NS", "S")},
-               "mean_z_loss_rel_diff": round(abs(lossc - loss32) / loss32, 4),
-               "median_rel_z_diff": round(statistics.median(rel), 6), "max_rel_z_diff": round(max(rel), 6),
-               "cov_rel_diff": cov_rel,
+               **z_figs, "cov_rel_diff": cov_rel,
                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     rec = record.record("precision", figures, args=args, compute_dtype=out["compute"]["compute_dtype"],
                         config={"model": base.model.name, "memit": asdict(base.memit)})
     record.write(args.out, rec)
     print(figures)
+
+
+def z_figures(store32, storec, ids: list[str]) -> tuple[dict, dict]:
+    """Per arm: mean final z loss, NLL and steps over the edits ``ids`` (a seeded store holds more rows);
+    together: the losses' relative difference and the relative difference of z, edit by edit."""
+    import torch
+
+    def rows(store, field):
+        index = {c: i for i, c in enumerate(store.case_ids)}
+        return store.tensors[field][torch.tensor([index[c] for c in ids])].float()
+
+    per_arm = {name: {"mean_z_loss": round(float(rows(st, "loss").mean()), 4),
+                      "mean_z_nll": round(float(rows(st, "nll").mean()), 4),
+                      "mean_z_steps": round(float(rows(st, "steps").mean()), 2)}  # as bench.z: the store's steps
+               for name, st in (("fp32", store32), ("compute", storec))}
+    z32, zc = store32.z_for(ids), storec.z_for(ids)
+    rel = ((zc - z32).norm(dim=-1) / z32.norm(dim=-1)).tolist()
+    loss32, lossc = per_arm["fp32"]["mean_z_loss"], per_arm["compute"]["mean_z_loss"]
+    return per_arm, {"mean_z_loss_rel_diff": round(abs(lossc - loss32) / loss32, 4),
+                     "median_rel_z_diff": round(statistics.median(rel), 6), "max_rel_z_diff": round(max(rel), 6)}
+
+
+def rescore(args, base: Config, model, ids: list[str]) -> None:
+    """The z figures of the record at ``--out`` recomputed from the z stores of its work directories."""
+    from memit_pl.modeling.loading import fingerprint
+    from memit_pl.stages.zstore import load_store
+
+    rec = json.loads(Path(args.out).read_text())
+    dirs = {"fp32": Path(args.fp32_work) if args.fp32_work else Path(args.work) / "float32",
+            "compute": Path(args.work) / rec["compute"]["compute_dtype"]}
+    name = f"z-L{base.memit.target_layer}-{fingerprint(model)}"
+    per_arm, z_figs = z_figures(load_store(dirs["fp32"] / name), load_store(dirs["compute"] / name), ids)
+    figures = {k: rec[k] for k in rec["figures"]}
+    for arm in ("fp32", "compute"):
+        figures[arm] = {**figures[arm], **per_arm[arm]}
+    figures.update(z_figs)
+    figures["rescored"] = {"command": record.command("bench.precision"), "git_commit": record.git_commit(),
+                           "what": "z figures over the N edits' own rows, from the stores"}
+    keep = {k: rec[k] for k in ("command", "git_commit", "packages", "device", "date")}
+    new = record.record("precision", figures, config=rec["config"], compute_dtype=rec["compute_dtype"])
+    record.write(args.out, {**new, **keep})
+    print({k: figures[k] for k in ("fp32", "compute", "mean_z_loss_rel_diff", "median_rel_z_diff")})
 
 
 if __name__ == "__main__":
