@@ -174,3 +174,25 @@ def test_the_edit_benchmark_keeps_the_rows_of_other_n(tmp_path, monkeypatch):
     assert [(r["n_edits"], r["total_s"]) for r in rec["rows"]] == [(1000, 11.0), (10000, 99.0)]
     rec = write("other.json", [{"n_edits": 5, "total_s": 1.0, "peak_rss_mb": 1.0}])
     assert [r["n_edits"] for r in rec["rows"]] == [5]
+
+
+def test_precision_z_figures_compare_only_the_edits_own_rows():
+    """A store seeded from the bank holds more rows than the N edits: the figures read only theirs."""
+    import torch
+
+    from bench.precision import z_figures
+    from memit_pl.stages.zstore import ZStore
+
+    def store(ids, loss, z):
+        n = len(ids)
+        return ZStore(list(ids), {"loss": torch.tensor(loss), "nll": torch.tensor(loss) / 2,
+                                  "steps": torch.full((n,), 3), "z": torch.tensor(z)}, {})
+
+    big = store(["a", "b", "x"], [0.2, 0.4, 9.0], [[1.0, 0.0], [0.0, 2.0], [5.0, 5.0]])  # "x": not an edit here
+    small = store(["b", "a"], [0.33, 0.22], [[0.0, 2.2], [1.0, 0.0]])
+    per_arm, figs = z_figures(big, small, ["a", "b"])
+    assert per_arm["fp32"]["mean_z_loss"] == 0.3  # (0.2 + 0.4) / 2, not 3.2 with "x"
+    assert per_arm["compute"]["mean_z_loss"] == 0.275
+    assert figs["mean_z_loss_rel_diff"] == round(0.025 / 0.3, 4)
+    assert figs["median_rel_z_diff"] == 0.05  # a: 0, b: 0.2 / 2 = 0.1
+    assert figs["max_rel_z_diff"] == 0.1
