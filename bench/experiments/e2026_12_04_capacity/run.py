@@ -4,8 +4,9 @@ with narrower windows (layers [6] and [4, 5, 6], the shipped [0..6]) and smaller
     python -m bench.experiments.e2026_12_04_capacity.run --arms 0-6:2000,0-6:200,4-6:2000,6:2000 \
         --n 1000 --eval-cases 500 [--work runs/capacity] [--out runs/capacity/capacity.json]
 
-z is at layer L = 6 for every window (the top of all of them), so one z store serves every arm; it is seeded
-from ``bench/zbank/smollm2-135m`` (float32, the shipped objective). Each arm edits the first n cases in one
+The z of a window are at its top layer L: for L = 6 (the shipped config's) they are seeded from
+``bench/zbank/smollm2-135m`` (float32, the shipped objective); a window reaching higher (``0-8:2000``) gets
+its own z at its L, optimised here once for all its arms (``z_s`` per L; 0 for the bank's). Each arm edits the first n cases in one
 batch and is evaluated on the first ``--eval-cases`` of them (a fixed sample of the batch, the same for
 every arm; GE on ``--ge-cases`` of those), next to the unedited model on the same cases. Besides the paper's
 and EasyEdit's metrics a row has ``reached``: the mean over the batch of 1 − ‖z − h^L‖ after the edit over
@@ -71,8 +72,15 @@ def main() -> None:
     k = min(args.eval_cases, min(args.n))
     store_dir = editor.work_dir / f"z-L{cfg.memit.target_layer}-{fingerprint(editor.model)}"
     zbank.seed_run(store_dir, cfg.model.name, len(requests))
-    store = editor.zs(requests)  # all banked: read, not optimised
-    editor.covariances(range(min(a[0][0] for a in arms), cfg.memit.target_layer + 1))
+    editor.covariances(range(min(a[0][0] for a in arms), max(a[0][-1] for a in arms) + 1))
+    stores, before, z_s = {}, {}, {}  # per target layer L: z of every request (banked for the config's L)
+    for layers, _ in arms:
+        top = replace(cfg.memit, layers=layers)
+        if layers[-1] not in stores:
+            t = time.perf_counter()
+            stores[layers[-1]] = editor.zs(requests, top)  # the bank's L: read, not optimised
+            z_s[layers[-1]] = time.perf_counter() - t
+            before[layers[-1]] = residual_norms(editor.model, editor.tokenizer, requests, stores[layers[-1]], top)
 
     out = Path(args.out)
     rows = json.loads(out.read_text())["rows"] if out.exists() else []
@@ -80,7 +88,6 @@ def main() -> None:
     t0 = time.perf_counter()
     unedited = editor.evaluate(requests[:k])
     unedited_s = time.perf_counter() - t0
-    before = residual_norms(editor.model, editor.tokenizer, requests, store, cfg.memit)
     if not any(r["method"] == "unedited" for r in rows):
         rows.append(row(0, unedited, method="unedited", n_edits=0, layers=[], lam=None, eval_cases=k,
                         eval_s=round(unedited_s, 1)))
@@ -89,6 +96,7 @@ def main() -> None:
             if (tuple(layers), lam, n) in done:
                 continue
             memit = replace(cfg.memit, layers=layers, mom2_update_weight=lam)
+            store = stores[layers[-1]]
             with restored(editor.model, layers):
                 t1 = time.perf_counter()
                 editor.apply(requests[:n], store, memit)
@@ -96,15 +104,21 @@ def main() -> None:
                 after = residual_norms(editor.model, editor.tokenizer, requests[:n], store, memit)
                 result = editor.evaluate(requests[:k])
                 t3 = time.perf_counter()
-            reached = float((1 - after / before[:n]).mean())
+            reached = float((1 - after / before[layers[-1]][:n]).mean())
             rows.append(row(n, result, unedited, method="memit", n_edits=n, layers=layers, lam=lam, eval_cases=k,
                             key_dims=len(layers) * delta_key_dim(editor), reached=round(100 * reached, 2),
+                            z_mean_loss=round(float(store.tensors["loss"][_rows(store, requests[:n])].mean()), 4),
                             update_s=round(t2 - t1, 1), eval_s=round(t3 - t2, 1)))
             logging.info("n=%d layers=%s λ=%g: %s", n, layers, lam, rows[-1])
-            figures = {"rows": rows, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            figures = {"rows": rows, "z_s": {str(k): round(v, 1) for k, v in z_s.items()}, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
             record.write(out, record.record("capacity", figures, args=args, module=MODULE,
                                             config={"model": cfg.model.name, "memit": asdict(cfg.memit),
                                                     "eval": asdict(cfg.eval)}))
+
+
+def _rows(store, requests) -> list[int]:
+    index = {c: i for i, c in enumerate(store.case_ids)}
+    return [index[r.case_id] for r in requests]
 
 
 def delta_key_dim(editor: MEMIT) -> int:
