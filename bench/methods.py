@@ -106,10 +106,8 @@ def main() -> None:
             banked_s = 0.0
             if args.zbank:
                 from bench import zbank
-                from memit_pl.modeling.loading import fingerprint
 
-                store_dir = editor.work_dir / f"z-L{memit.target_layer}-{fingerprint(editor.model)}"
-                banked_s = zbank.seed_run(store_dir, cfg.model.name, n)
+                banked_s = zbank.seed_run(editor.z_store_dir(memit), cfg.model.name, n)
             with meter("z"):
                 editor.zs(requests, memit)
             z_s = meter.timings["z_s"] + banked_s

@@ -71,10 +71,8 @@ def main() -> None:
         banked_s = None
         if name == "fp32" and args.zbank:
             from bench import zbank
-            from memit_pl.modeling.loading import fingerprint
 
-            store_dir = editor.work_dir / f"z-L{cfg.memit.target_layer}-{fingerprint(model)}"
-            banked_s = zbank.seed_run(store_dir, cfg.model.name, len(requests))
+            banked_s = zbank.seed_run(editor.z_store_dir(), cfg.model.name, len(requests))
         t0 = time.perf_counter()
         covs[name] = editor.covariances()
         t1 = time.perf_counter()
@@ -110,15 +108,9 @@ def main() -> None:
 def z_figures(store32, storec, ids: list[str]) -> tuple[dict, dict]:
     """Per arm: mean final z loss, NLL and steps over the edits ``ids`` (a seeded store holds more rows);
     together: the losses' relative difference and the relative difference of z, edit by edit."""
-    import torch
-
-    def rows(store, field):
-        index = {c: i for i, c in enumerate(store.case_ids)}
-        return store.tensors[field][torch.tensor([index[c] for c in ids])].float()
-
-    per_arm = {name: {"mean_z_loss": round(float(rows(st, "loss").mean()), 4),
-                      "mean_z_nll": round(float(rows(st, "nll").mean()), 4),
-                      "mean_z_steps": round(float(rows(st, "steps").mean()), 2)}  # as bench.z: the store's steps
+    per_arm = {name: {"mean_z_loss": round(float(st.field_for(ids, "loss").float().mean()), 4),
+                      "mean_z_nll": round(float(st.field_for(ids, "nll").float().mean()), 4),
+                      "mean_z_steps": round(float(st.field_for(ids, "steps").float().mean()), 2)}  # as bench.z
                for name, st in (("fp32", store32), ("compute", storec))}
     z32, zc = store32.z_for(ids), storec.z_for(ids)
     rel = ((zc - z32).norm(dim=-1) / z32.norm(dim=-1)).tolist()
@@ -129,13 +121,13 @@ def z_figures(store32, storec, ids: list[str]) -> tuple[dict, dict]:
 
 def rescore(args, base: Config, model, ids: list[str]) -> None:
     """The z figures of the record at ``--out`` recomputed from the z stores of its work directories."""
-    from memit_pl.modeling.loading import fingerprint
+    from memit_pl.editor import z_store_name
     from memit_pl.stages.zstore import load_store
 
     rec = json.loads(Path(args.out).read_text())
     dirs = {"fp32": Path(args.fp32_work) if args.fp32_work else Path(args.work) / "float32",
             "compute": Path(args.work) / rec["compute"]["compute_dtype"]}
-    name = f"z-L{base.memit.target_layer}-{fingerprint(model)}"
+    name = z_store_name(model, base.memit.target_layer)
     per_arm, z_figs = z_figures(load_store(dirs["fp32"] / name), load_store(dirs["compute"] / name), ids)
     figures = {k: rec[k] for k in rec["figures"]}
     for arm in ("fp32", "compute"):

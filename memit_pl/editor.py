@@ -190,15 +190,17 @@ class MEMIT:
         if store_dir is not None:
             return compute_zs(self.model, self.tokenizer, requests, memit, Path(store_dir), self.config.trainer,
                               config_dump)
-        from memit_pl.modeling.loading import fingerprint
-
-        # one store per target layer and model state: an edited (or reverted) model's z are not the unedited one's
-        store_dir = self.work_dir / f"z-L{memit.target_layer}-{fingerprint(self.model)}"
+        store_dir = self.z_store_dir(memit)
         if self.z_dir is not None:
             layer = load_store(self.z_dir).layer if (self.z_dir / STORE_FILE).exists() else None
             if layer in (None, memit.target_layer):
                 store_dir = self.z_dir
         return compute_zs(self.model, self.tokenizer, requests, memit, store_dir, self.config.trainer)
+
+    def z_store_dir(self, memit: MemitConfig | None = None) -> Path:
+        """``<work_dir>/z-L<L>-<model fingerprint>``, the z store :meth:`zs` keeps for target layer ``L``: one
+        store per target layer and model state (an edited or reverted model's z are not the unedited one's)."""
+        return self.work_dir / z_store_name(self.model, (memit or self.memit).target_layer)
 
     def apply(self, requests: Sequence[EditRequest], store, memit: MemitConfig | None = None, *,
               out_dir: str | Path | None = None, prev_keys: dict[int, Tensor] | None = None,
@@ -374,6 +376,13 @@ class MEMIT:
         self.model.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
         return path
+
+
+def z_store_name(model: nn.Module, layer: int) -> str:
+    """The directory name of a model's z store for target layer ``layer`` (see :meth:`MEMIT.z_store_dir`)."""
+    from memit_pl.modeling.loading import fingerprint
+
+    return f"z-L{layer}-{fingerprint(model)}"
 
 
 def _hub_name(model: nn.Module) -> str | None:

@@ -53,11 +53,15 @@ class ZStore:
 
     def z_for(self, case_ids: list[str]) -> Tensor:
         """z rows [n, d_model] in the order of ``case_ids``."""
+        return self.field_for(case_ids, "z")
+
+    def field_for(self, case_ids: list[str], field: str) -> Tensor:
+        """The rows of one of :data:`FIELDS` (z, loss, steps, ...) in the order of ``case_ids``."""
         index = {c: i for i, c in enumerate(self.case_ids)}
         missing = [c for c in case_ids if c not in index]
         if missing:
             raise KeyError(f"no z for case ids {missing[:5]}{'...' if len(missing) > 5 else ''} in the store")
-        return self.tensors["z"][torch.tensor([index[c] for c in case_ids])]
+        return self.tensors[field][torch.tensor([index[c] for c in case_ids])]
 
     @property
     def layer(self) -> int:

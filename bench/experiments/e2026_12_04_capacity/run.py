@@ -33,7 +33,7 @@ from memit_pl.config import Config, TrainerConfig  # noqa: E402
 from memit_pl.data.edits import load_edits  # noqa: E402
 from memit_pl.editor import MEMIT, restored  # noqa: E402
 from memit_pl.experiments.sweep import row  # noqa: E402
-from memit_pl.modeling.loading import fingerprint  # noqa: E402
+from memit_pl.modeling.spec import get_spec  # noqa: E402
 from memit_pl.stages.apply import residual_norms  # noqa: E402
 
 MODULE = "bench.experiments.e2026_12_04_capacity.run"
@@ -70,8 +70,9 @@ def main() -> None:
     editor = MEMIT.from_pretrained(cfg.model.name, config=cfg, work_dir=args.work)
     requests = load_edits(args.edits, tokenizer=editor.tokenizer, limit=max(args.n), drop_conflicting=True)
     k = min(args.eval_cases, min(args.n))
-    store_dir = editor.work_dir / f"z-L{cfg.memit.target_layer}-{fingerprint(editor.model)}"
-    zbank.seed_run(store_dir, cfg.model.name, len(requests))
+    ids = [r.case_id for r in requests]
+    spec = get_spec(editor.model)
+    zbank.seed_run(editor.z_store_dir(), cfg.model.name, len(requests))
     editor.covariances(range(min(a[0][0] for a in arms), max(a[0][-1] for a in arms) + 1))
     stores, before, z_s = {}, {}, {}  # per target layer L: z of every request (banked for the config's L)
     for layers, _ in arms:
@@ -106,24 +107,17 @@ def main() -> None:
                 t3 = time.perf_counter()
             reached = float((1 - after / before[layers[-1]][:n]).mean())
             rows.append(row(n, result, unedited, method="memit", n_edits=n, layers=layers, lam=lam, eval_cases=k,
-                            key_dims=len(layers) * delta_key_dim(editor), reached=round(100 * reached, 2),
-                            z_mean_loss=round(float(store.tensors["loss"][_rows(store, requests[:n])].mean()), 4),
+                            key_dims=sum(spec.d_key(editor.model, layer) for layer in layers),
+                            reached=round(100 * reached, 2),
+                            z_mean_loss=round(float(store.field_for(ids[:n], "loss").mean()), 4),
                             update_s=round(t2 - t1, 1), eval_s=round(t3 - t2, 1)))
             logging.info("n=%d layers=%s λ=%g: %s", n, layers, lam, rows[-1])
-            figures = {"rows": rows, "z_s": {str(k): round(v, 1) for k, v in z_s.items()}, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            figures = {"rows": rows, "z_s": {str(k): round(v, 1) for k, v in z_s.items()},
+                       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
             record.write(out, record.record("capacity", figures, args=args, module=MODULE,
                                             config={"model": cfg.model.name, "memit": asdict(cfg.memit),
                                                     "eval": asdict(cfg.eval)}))
 
-
-def _rows(store, requests) -> list[int]:
-    index = {c: i for i, c in enumerate(store.case_ids)}
-    return [index[r.case_id] for r in requests]
-
-
-def delta_key_dim(editor: MEMIT) -> int:
-    """d_key of the edited MLP output matrices (1,536 on SmolLM2-135M)."""
-    return int(editor.model.config.intermediate_size)
 
 
 if __name__ == "__main__":
