@@ -6,7 +6,8 @@ with narrower windows (layers [6] and [4, 5, 6], the shipped [0..6]) and smaller
 
 The z of a window are at its top layer L: for L = 6 (the shipped config's) they are seeded from
 ``bench/zbank/smollm2-135m`` (float32, the shipped objective); a window reaching higher (``0-8:2000``) gets
-its own z at its L, optimised here once for all its arms (``z_s`` per L; 0 for the bank's). Each arm edits the first n cases in one
+its own z at its L, seeded from ``bench/zbank/smollm2-135m-L<L>`` where that bank exists and optimised here
+for the cases it lacks, once for all its arms (``z_s`` per L: this run's own seconds; 0 for the bank's). Each arm edits the first n cases in one
 batch and is evaluated on the first ``--eval-cases`` of them (a fixed sample of the batch, the same for
 every arm; GE on ``--ge-cases`` of those), next to the unedited model on the same cases. Besides the paper's
 and EasyEdit's metrics a row has ``reached``: the mean over the batch of 1 − ‖z − h^L‖ after the edit over
@@ -78,6 +79,10 @@ def main() -> None:
     for layers, _ in arms:
         top = replace(cfg.memit, layers=layers)
         if layers[-1] not in stores:
+            extra = zbank.BANKS / f"{cfg.model.name}-L{layers[-1]}"  # a bank at this L (bench/zbank/<model>-L8)
+            if layers[-1] != cfg.memit.layers[-1] and (extra / zbank.INDEX).exists():
+                logging.info("z at L=%d: %d chunk files seeded from %s", layers[-1],
+                             zbank.seed(editor.z_store_dir(top), extra), extra.relative_to(ROOT))
             t = time.perf_counter()
             stores[layers[-1]] = editor.zs(requests, top)  # the bank's L: read, not optimised
             z_s[layers[-1]] = time.perf_counter() - t
