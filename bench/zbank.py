@@ -36,8 +36,10 @@ BANKS = ROOT / "bench" / "zbank"
 INDEX = "bank.json"
 
 
-def bank_dir(model: str) -> Path:
-    return BANKS / model
+def bank_dir(model: str, layer: int | None = None) -> Path:
+    """``bench/zbank/<model>`` (the shipped config's L), or ``bench/zbank/<model>-L<layer>`` for a bank at
+    another target layer (``smollm2-135m-L8``)."""
+    return BANKS / (model if layer is None else f"{model}-L{layer}")
 
 
 def read_index(bank: Path) -> dict:

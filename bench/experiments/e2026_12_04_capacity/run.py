@@ -7,8 +7,8 @@ with narrower windows (layers [6] and [4, 5, 6], the shipped [0..6]) and smaller
 The z of a window are at its top layer L: for L = 6 (the shipped config's) they are seeded from
 ``bench/zbank/smollm2-135m`` (float32, the shipped objective); a window reaching higher (``0-8:2000``) gets
 its own z at its L, seeded from ``bench/zbank/smollm2-135m-L<L>`` where that bank exists and optimised here
-for the cases it lacks, once for all its arms (``z_s`` per L: this run's own seconds; 0 for the bank's). Each arm edits the first n cases in one
-batch and is evaluated on the first ``--eval-cases`` of them (a fixed sample of the batch, the same for
+for the cases it lacks, once for all its arms (``z_s`` per L: this run's own seconds; 0 for the bank's).
+Each arm edits the first n cases in one batch and is evaluated on the first ``--eval-cases`` of them (a fixed sample of the batch, the same for
 every arm; GE on ``--ge-cases`` of those), next to the unedited model on the same cases. Besides the paper's
 and EasyEdit's metrics a row has ``reached``: the mean over the batch of 1 − ‖z − h^L‖ after the edit over
 ‖z − h^L‖ before it (no context prefix), the share of the way to z that the linear update travels in the
@@ -73,20 +73,21 @@ def main() -> None:
     k = min(args.eval_cases, min(args.n))
     ids = [r.case_id for r in requests]
     spec = get_spec(editor.model)
-    zbank.seed_run(editor.z_store_dir(), cfg.model.name, len(requests))
     editor.covariances(range(min(a[0][0] for a in arms), max(a[0][-1] for a in arms) + 1))
-    stores, before, z_s = {}, {}, {}  # per target layer L: z of every request (banked for the config's L)
+    stores, before, z_s = {}, {}, {}  # per target layer L of the arms: z of every request
     for layers, _ in arms:
-        top = replace(cfg.memit, layers=layers)
-        if layers[-1] not in stores:
-            extra = zbank.BANKS / f"{cfg.model.name}-L{layers[-1]}"  # a bank at this L (bench/zbank/<model>-L8)
-            if layers[-1] != cfg.memit.layers[-1] and (extra / zbank.INDEX).exists():
-                logging.info("z at L=%d: %d chunk files seeded from %s", layers[-1],
-                             zbank.seed(editor.z_store_dir(top), extra), extra.relative_to(ROOT))
-            t = time.perf_counter()
-            stores[layers[-1]] = editor.zs(requests, top)  # the bank's L: read, not optimised
-            z_s[layers[-1]] = time.perf_counter() - t
-            before[layers[-1]] = residual_norms(editor.model, editor.tokenizer, requests, stores[layers[-1]], top)
+        top, top_layer = replace(cfg.memit, layers=layers), layers[-1]
+        if top_layer in stores:
+            continue
+        if top_layer == cfg.memit.target_layer:
+            zbank.seed_run(editor.z_store_dir(top), cfg.model.name, len(requests))
+        elif ((bank := zbank.bank_dir(cfg.model.name, top_layer)) / zbank.INDEX).exists():
+            logging.info("z at L=%d: %d chunk files seeded from %s", top_layer,
+                         zbank.seed(editor.z_store_dir(top), bank), bank.relative_to(ROOT))
+        t = time.perf_counter()
+        stores[top_layer] = editor.zs(requests, top)  # optimises only the cases the bank lacks
+        z_s[top_layer] = time.perf_counter() - t
+        before[top_layer] = residual_norms(editor.model, editor.tokenizer, requests, stores[top_layer], top)
 
     out = Path(args.out)
     rows = json.loads(out.read_text())["rows"] if out.exists() else []
@@ -122,7 +123,6 @@ def main() -> None:
             record.write(out, record.record("capacity", figures, args=args, module=MODULE,
                                             config={"model": cfg.model.name, "memit": asdict(cfg.memit),
                                                     "eval": asdict(cfg.eval)}))
-
 
 
 if __name__ == "__main__":
