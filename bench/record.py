@@ -7,7 +7,7 @@ A record is::
 
     {"benchmark": "z",
      "command": "python -m bench.z --n 100 ...",     # what reproduces it, from the repository root
-     "git_commit": "<sha>[-dirty]",                  # HEAD; -dirty when tracked files differ from it
+     "git_commit": "<sha>[-dirty]",                  # HEAD; -dirty when tracked code differs from it
      "packages": {"torch": ..., "transformers": ..., "lightning": ..., "torchmetrics": ...,
                   "datasets": ..., "accelerate": ..., "memit-pl": ...},
      "device": {"cpu": "<model name>", "threads": <torch threads>, "cuda": "<GPU name>" | None},
@@ -132,16 +132,24 @@ def preflight(module: str, args: argparse.Namespace, argv: list[str] | None = No
         raise MachinePathError(_refusal(bad))
 
 
-def git_commit() -> str | None:
-    """HEAD of the repository, ``-dirty`` appended when tracked files differ from it (None without git)."""
+RESULT_SUFFIXES = (".json", ".md", ".png")
+"""Files under ``bench/`` with these suffixes are results, not code: a benchmark that has already written a row
+(its own output file, or a bank's) is still the code of HEAD."""
+
+
+def git_commit(root: Path = ROOT) -> str | None:
+    """HEAD of the repository, ``-dirty`` appended when tracked files other than the benchmarks' result files
+    (:data:`RESULT_SUFFIXES` under ``bench/``) differ from it (None without git)."""
     try:
-        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
+        changed = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, check=True).stdout.splitlines()
     except (OSError, subprocess.CalledProcessError):
         return None
-    return head + ("-dirty" if dirty else "")
+    paths = [line[3:].split(" -> ")[-1].strip('"') for line in changed if line.strip()]
+    code = [p for p in paths if not (p.startswith("bench/") and p.endswith(RESULT_SUFFIXES))]
+    return head + ("-dirty" if code else "")
 
 
 def packages() -> dict[str, str | None]:

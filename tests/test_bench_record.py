@@ -23,6 +23,32 @@ def test_a_record_naming_a_machine_path_is_refused(tmp_path):
     assert not (tmp_path / "out.json").exists()
 
 
+def test_a_benchmarks_own_result_files_do_not_make_its_commit_dirty(tmp_path):
+    """A run that has written a row into a tracked result file is still the code of HEAD; a changed source
+    file (also one under bench/) is not."""
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    (tmp_path / "bench/results").mkdir(parents=True)
+    files = {"bench/results/t.json": "{}", "bench/results/t.png": "x", "bench/run.py": "a = 1\n", "lib.py": "b = 2\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    head = rec.git_commit(tmp_path)
+    assert head is not None and not head.endswith("-dirty")
+    (tmp_path / "bench/results/t.json").write_text('{"rows": []}')
+    (tmp_path / "bench/results/t.png").write_text("y")
+    assert rec.git_commit(tmp_path) == head
+    for name in ("bench/run.py", "lib.py"):
+        (tmp_path / name).write_text("changed = True\n")
+        assert rec.git_commit(tmp_path) == head + "-dirty"
+        git("checkout", "-q", "--", name)
+
+
 def test_a_record_has_the_schema_and_the_figures_at_the_top_level(tmp_path):
     r = rec.record("z", {"fp32_s_per_edit": 2.0}, config={"memit": {"layers": [1]}},
                    args=argparse.Namespace(n=3), argv=["--n", "3"])
