@@ -62,9 +62,14 @@ def child(args: argparse.Namespace) -> dict:
         seconds.append((time.perf_counter() - t) / len(chunk))
         losses += res.loss.tolist()
     after = resource.getrusage(resource.RUSAGE_SELF)
-    return {"thp": os.environ.get(VAR) == "1", "s_per_edit": seconds, "mean_loss": statistics.fmean(losses),
+    return {"s_per_edit": seconds, "mean_loss": statistics.fmean(losses),
             "minor_faults": after.ru_minflt - before.ru_minflt, "sys_s": after.ru_stime - before.ru_stime,
             "user_s": after.ru_utime - before.ru_utime, "n_edits": len(requests)}
+
+
+def run_median(res: dict) -> float:
+    """A child's median seconds per edit over its batches after the first (the first also warms up)."""
+    return statistics.median(res["s_per_edit"][1:] or res["s_per_edit"])
 
 
 def main() -> None:
@@ -90,11 +95,11 @@ def main() -> None:
             out = subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True, text=True).stdout
             res = json.loads(out.strip().splitlines()[-1])
             runs[arm].append(res)
-            print(f"repeat {rep + 1}, {VAR}={arm}: {statistics.median(res['s_per_edit'][1:] or res['s_per_edit']):.3f} "
+            print(f"repeat {rep + 1}, {VAR}={arm}: {run_median(res):.3f} "
                   f"s/edit, {res['minor_faults']:,} minor faults, {res['sys_s']:.1f} s in the kernel", flush=True)
 
     def summary(rs: list[dict]) -> dict:
-        per_run = [statistics.median(r["s_per_edit"][1:] or r["s_per_edit"]) for r in rs]
+        per_run = [run_median(r) for r in rs]
         return {"s_per_edit_median": round(statistics.median(per_run), 4), "s_per_edit_runs": [round(x, 4) for x in per_run],
                 "minor_faults_median": int(statistics.median(r["minor_faults"] for r in rs)),
                 "sys_s_median": round(statistics.median(r["sys_s"] for r in rs), 1),
