@@ -176,3 +176,106 @@ def test_write_tune_outputs_a_loadable_config_that_names_its_batch_size(tmp_path
     assert "held-back part (OUTSIDE the bounds: GE -6.00 (bound −5)):" in (tmp_path / "tune.md").read_text()
     assert held_breaks({**result, "held": held}) == "GE -6.00 (bound −5)"
     assert held_breaks(result) == ""
+
+
+def _recording(editor, monkeypatch):
+    """Record the MemitConfig of every edited evaluation (the grid points, then the held-back run)."""
+    seen = []
+    real = editor.edited_evaluation
+
+    def record(requests, store, memit, tag, eval_requests=None):
+        seen.append((memit, store))
+        return real(requests, store, memit, tag, eval_requests)
+
+    monkeypatch.setattr(editor, "edited_evaluation", record)
+    return seen
+
+
+def test_tune_ft_searches_its_layer_and_decay_without_z(editor, monkeypatch):
+    seen = _recording(editor, monkeypatch)
+    ft = MemitConfig(method="ft", layers=[1, 2], ft_lr=0.05, ft_steps=3)
+    result = tune(editor, REQUESTS, ft, [0.0, 10.0], [[1], [2]], max_ns_drop=100.0, max_ge_drop=1000.0)
+    points = [(m.ft_layer, m.layers, m.ft_weight_decay) for m, _ in seen]
+    assert points[:4] == [(1, [1], 0.0), (1, [1], 10.0), (2, [2], 0.0), (2, [2], 10.0)]
+    assert all(store is None for _, store in seen) and editor.z_runs == 0  # FT-W needs no z
+    assert [(r["layers"], r["decay"]) for r in result["rows"]] == [("1-1", 0.0), ("1-1", 10.0), ("2-2", 0.0), ("2-2", 10.0)]
+    chosen = max(result["rows"], key=lambda r: r["S"])  # all within the (wide) bounds
+    assert result["chosen"] == {"layers": chosen["window"], "ft_weight_decay": chosen["decay"], "within_bounds": True}
+    assert (result["memit"]["ft_layer"], result["memit"]["ft_weight_decay"]) == (chosen["window"][0], chosen["decay"])
+    assert points[4] == (chosen["window"][0], chosen["window"], chosen["decay"])  # the held-back run
+    # a decay that pins W to W0 changes what FT-W writes: the two decays give different models
+    by_decay = {r["decay"]: r for r in result["rows"] if r["layers"] == "1-1"}
+    assert by_decay[0.0]["ES"] != by_decay[10.0]["ES"] or by_decay[0.0]["NS"] != by_decay[10.0]["NS"] \
+        or by_decay[0.0]["PS"] != by_decay[10.0]["PS"]
+
+
+def test_tune_alphaedit_searches_its_ridge_not_lambda(editor, monkeypatch):
+    seen = _recording(editor, monkeypatch)
+    alpha = MemitConfig(**{**vars(MEMIT), "method": "alphaedit"})
+    result = tune(editor, REQUESTS, alpha, [1.0, 100.0], [[1, 2]], max_ns_drop=100.0, max_ge_drop=1000.0)
+    assert [m.alphaedit_l2 for m, _ in seen[:2]] == [1.0, 100.0]
+    assert {m.mom2_update_weight for m, _ in seen} == {MEMIT.mom2_update_weight}  # λ untouched: AlphaEdit ignores it
+    assert [r["alpha"] for r in result["rows"]] == [1.0, 100.0] and "lam" not in result["rows"][0]
+    assert result["chosen"]["alphaedit_l2"] in (1.0, 100.0) and result["searched"]["key"] == "alphaedit_l2"
+
+
+def test_tune_rome_searches_layers_only(editor, monkeypatch):
+    seen = _recording(editor, monkeypatch)
+    rome = MemitConfig(**{**vars(MEMIT), "method": "rome"})
+    result = tune(editor, REQUESTS, rome, [], [[1], [2]], max_ns_drop=100.0, max_ge_drop=1000.0)
+    assert [m.layers for m, _ in seen[:2]] == [[1], [2]]
+    assert [r["window"] for r in result["rows"]] == [[1], [2]] and result["searched"] is None
+    assert set(result["chosen"]) == {"layers", "within_bounds"}
+
+
+@pytest.mark.parametrize("method,values,windows,message", [
+    ("ft", [0.0], [[0, 1]], "writes one layer, so each window is one layer"),
+    ("rome", [1.0], [[1]], "has no setting to search besides its layer"),
+    ("alphaedit", [], [[1, 2]], "give at least one value of alphaedit_l2"),
+    ("memit", [1.0], [[]], "non-empty layer window"),
+])
+def test_tune_refuses_a_grid_the_method_cannot_use_before_any_work(method, values, windows, message):
+    from memit_pl.config import ConfigError
+    from memit_pl.experiments.tune import check_grid
+
+    with pytest.raises(ConfigError, match=message):
+        check_grid(MemitConfig(layers=[1, 2], method=method), values, windows)
+
+
+def test_tune_cli_rejects_lambdas_for_another_method_in_one_line(capsys):
+    from memit_pl import cli
+
+    rc = cli.main(["tune", "--edits", "x.json", "--out", "y", "--memit.method", "ft", "--lambdas", "[1000]"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--lambdas is MEMIT's λ; for memit.method ft give --values" in err[0]
+
+
+def test_write_tune_names_the_searched_setting_and_plots_a_zero_decay(tmp_path):
+    from memit_pl.experiments.tune import write_tune
+
+    unedited = {"n": 0, "S": 10.0, "ES": 5.0, "PS": 5.0, "NS": 80.0, "GE": 600.0}
+    rows = [{"n": 6, "decay": d, "layers": "0-0", "window": [0], "S": s, "ES": s, "PS": s, "NS": ns, "GE": 600.0}
+            for d, s, ns in [(0.0, 90.0, 60.0), (0.01, 70.0, 78.0), (0.1, 50.0, 79.0)]]
+    chosen = MemitConfig(layers=[0], method="ft", ft_layer=0, ft_weight_decay=0.01)
+    result = {"n_tune": 6, "n_held": 6, "seed": 0, "bounds": {"max_ns_drop": 5.0, "max_ge_drop": 5.0},
+              "method": "ft", "searched": {"key": "ft_weight_decay", "column": "decay"},
+              "unedited_tune": unedited, "rows": rows,
+              "chosen": {"layers": [0], "ft_weight_decay": 0.01, "within_bounds": True},
+              "unedited_held": unedited, "held": {**rows[1], "n": 6}, "memit": chosen.__dict__, "command": "x"}
+    path = write_tune(tmp_path, result, {"name": "tiny"}, {}, "tiny")
+    md = (tmp_path / "tune.md").read_text()
+    assert "| layers | decay | S |" in md and "method ft" in md.splitlines()[0]
+    assert "chosen: layers [0], decay 0.01 (within the bounds" in md
+    assert (tmp_path / "tune.png").stat().st_size > 0
+    import yaml
+
+    assert MemitConfig(**yaml.safe_load(path.read_text())["memit"]) == chosen
+
+
+def test_a_lambda_sweep_of_a_method_without_lambda_is_refused(editor):
+    from memit_pl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="memit.method ft does not use"):
+        scaling_sweep(editor, REQUESTS, MemitConfig(layers=[1], method="ft"), [1, 2], lambdas=[10.0, 100.0])
+    assert editor.z_runs == 0

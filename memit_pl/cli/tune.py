@@ -1,4 +1,5 @@
-"""``memit-pl tune``: choose λ and the edited layers by measurement; writes a tuned config."""
+"""``memit-pl tune``: choose the edited layers and λ (AlphaEdit: α, FT-W: the decay) by measurement; writes a
+tuned config."""
 
 from __future__ import annotations
 
@@ -16,9 +17,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="output directory (tune.json, tune.md, tune.png, tuned.yaml)")
     add_selection_arguments(parser)
     parser.add_argument("--z_dir", default=None, help="z store to reuse and extend (e.g. an edit run's z/), for its target layer")
-    parser.add_argument("--lambdas", type=list[float], default=[1e3, 3e3, 1e4, 3e4, 1e5], help="λ grid")
+    parser.add_argument("--lambdas", type=list[float] | None, default=None,
+                        help="MEMIT's λ grid (default [1e3, 3e3, 1e4, 3e4, 1e5]); the same as --values for MEMIT")
+    parser.add_argument("--values", type=list[float] | None, default=None,
+                        help="the grid of the method's searched setting: MEMIT λ, AlphaEdit alphaedit_l2 (default "
+                             "[1, 10, 100]), FT-W ft_weight_decay (default [0, 1e-3, 1e-2, 1e-1]); ROME: none")
     parser.add_argument("--windows", type=list[list[int]] | None, default=None,
-                        help="layer windows to try (default: 5-layer windows starting at 1, 3, 5)")
+                        help="layer windows to try (default: 5-layer windows starting at 1, 3, 5; for FT-W and "
+                             "ROME, which write one layer, the first and the last layer of memit.layers)")
     parser.add_argument("--tune_fraction", type=float, default=0.5, help="share of the edits used for the search")
     parser.add_argument("--seed", type=int, default=0, help="seed of the tuning/held-back split")
     parser.add_argument("--max_ns_drop", type=float, default=5.0, help="allowed loss of Neighborhood Success (points)")
@@ -27,18 +33,33 @@ def main(argv: list[str]) -> int:
                         help="which Neighborhood Success the bound applies to: all neighbourhood prompts (NS), or "
                              "only those whose subject is not itself edited in the batch (NSu)")
     cfg, secs = parse(parser, argv)
-    from memit_pl.experiments.tune import default_windows, tune, write_tune
+    from memit_pl.config import ConfigError
+    from memit_pl.experiments.tune import (
+        DEFAULT_VALUES,
+        ONE_LAYER,
+        check_grid,
+        default_windows,
+        tune,
+        write_tune,
+    )
     from memit_pl.modeling.spec import get_spec
+
+    memit = secs["memit"]
+    if cfg.lambdas is not None and memit.method != "memit":
+        raise ConfigError(f"--lambdas is MEMIT's λ; for memit.method {memit.method} give --values")
+    values = next(v for v in (cfg.values, cfg.lambdas, DEFAULT_VALUES.get(memit.method, [])) if v is not None)
+    windows = cfg.windows or ([[memit.layers[0]], [memit.layers[-1]]] if memit.method in ONE_LAYER else None)
+    check_grid(memit, values, windows or [[0]])  # before the model loads
 
     requests = load_edits(cfg.edits, limit=cfg.limit, drop_conflicting=cfg.drop_conflicts,
                           drop_empty=cfg.drop_empty)
     model, tok = load(secs["model"], memit_cfg=secs["memit"])
     validate(requests, tok)
     out = Path(cfg.out)
-    save_config(out, "tune", secs, {"edits": str(cfg.edits), "lambdas": cfg.lambdas, "windows": cfg.windows})
+    windows = windows or default_windows(get_spec(model).n_layers(model))
+    save_config(out, "tune", secs, {"edits": str(cfg.edits), "values": values, "windows": windows})
     editor = make_editor(secs, model, tok, out / "work", cfg.z_dir)
-    windows = cfg.windows or default_windows(get_spec(model).n_layers(model))
-    result = tune(editor, requests, secs["memit"], cfg.lambdas, windows, tune_fraction=cfg.tune_fraction,
+    result = tune(editor, requests, memit, values, windows, tune_fraction=cfg.tune_fraction,
                   seed=cfg.seed, max_ns_drop=cfg.max_ns_drop, max_ge_drop=cfg.max_ge_drop, ns_metric=cfg.ns_metric)
     result["command"] = "memit-pl tune " + " ".join(argv)
     path = write_tune(out, result, asdict(secs["model"]), asdict(secs["stats"]), secs["model"].name)

@@ -45,8 +45,11 @@ def scaling_sweep(editor: MEMIT, requests: Sequence[EditRequest], memit: MemitCo
     cases edited in one batch (evaluated on those n); z is computed once for all cases. Each edited row
     also has ``NSu_unedited``: the unedited model's NSu on the same prompts (those cases, those subjects).
     With ``lambdas``, one row per λ and n (each with its ``lam``); z does not depend on λ."""
+    from memit_pl.config import ConfigError
     from memit_pl.stages.evaluate import nsu_of_records
 
+    if lambdas and memit.method != "memit":
+        raise ConfigError(f"sweep: lambdas are MEMIT's λ, which memit.method {memit.method} does not use")
     store = None if memit.method == "ft" else editor.zs(requests, memit)
     unedited = editor.evaluate(requests)
     rows = [row(0, unedited)]
@@ -64,16 +67,18 @@ def scaling_sweep(editor: MEMIT, requests: Sequence[EditRequest], memit: MemitCo
 
 
 def plot_rows(rows: Sequence[dict], x: str, path: str | Path, title: str, group: str | None = None,
-              log_x: bool = True, baseline: dict | None = None) -> Path:
+              log_x: bool = True, baseline: dict | None = None, keep_zero: bool = False) -> Path:
     """ES/PS/NS/NSu/GE (and S) against ``x``; one line style per ``group`` value when given; the unedited
-    model (``baseline``, else the row with ``x`` = 0) as thin horizontal lines."""
+    model (``baseline``, else the row with ``x`` = 0) as thin horizontal lines. Rows with ``x`` = 0 are
+    the unedited model unless ``keep_zero`` (a grid with 0 in it, e.g. no decay): then they are points, on
+    a log axis that is linear below the smallest positive ``x``."""
     plt = io.pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     groups = sorted({r.get(group) for r in rows}, key=str) if group else [None]
     styles = ["-", "--", ":", "-."]
     for gi, g in enumerate(groups):
-        sel = [r for r in rows if (group is None or r.get(group) == g) and r[x] > 0]
+        sel = [r for r in rows if (group is None or r.get(group) == g) and (r[x] > 0 or keep_zero)]
         xs = [r[x] for r in sel]
         label = f" ({group} {g})" if group else ""
         for k, colour in zip(("S", "ES", "PS", "NS", "NSu"), ("black", "tab:blue", "tab:orange", "tab:green", "tab:olive")):
@@ -85,15 +90,19 @@ def plot_rows(rows: Sequence[dict], x: str, path: str | Path, title: str, group:
             axes[1].plot(*zip(*ge), styles[gi % 4], color="tab:red", marker="o", ms=3, label="GE" + label)
     if not any(r.get("GE") is not None for r in rows):
         axes[1].text(0.5, 0.5, "Generation Entropy not measured", ha="center", va="center", transform=axes[1].transAxes)
-    base = [baseline] if baseline is not None else [r for r in rows if r[x] == 0]
+    base = [baseline] if baseline is not None else [r for r in rows if r[x] == 0 and not keep_zero]
     if base:
         for k, colour in zip(("ES", "PS", "NS", "NSu"), ("tab:blue", "tab:orange", "tab:green", "tab:olive")):
             if base[0].get(k) is not None:
                 axes[0].axhline(base[0][k], color=colour, lw=0.6, alpha=0.5)
         if base[0].get("GE") is not None:
             axes[1].axhline(base[0]["GE"], color="tab:red", lw=0.6, alpha=0.5)
+    positive = [r[x] for r in rows if r[x] > 0]
+    zero = keep_zero and any(r[x] <= 0 for r in rows)
     for ax, ylabel in zip(axes, ("success rate (%)", "generation entropy (×100)")):
-        if log_x:
+        if log_x and zero:
+            ax.set_xscale("symlog", linthresh=min(positive, default=1.0))
+        elif log_x:
             ax.set_xscale("log")
         ax.set_xlabel(x)
         ax.set_ylabel(ylabel)

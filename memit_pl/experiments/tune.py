@@ -1,14 +1,18 @@
-"""Choose λ and the edited layers by measurement (the paper's Appendix F trade-off, as a tool).
+"""Choose a method's settings by measurement (the paper's Appendix F trade-off, as a tool): the edited
+layers and the one setting that trades efficacy against specificity for the method (``SEARCHED``):
+λ for MEMIT, AlphaEdit's ridge α, FT-W's decay; ROME has none, so only its layer is searched.
 
-The edits are split (seeded) into a tuning part and a held-back part. Every (layer window, λ) point
+The edits are split (seeded) into a tuning part and a held-back part. Every (layer window, value) point
 edits the tuning part in one batch and is scored by its Editing Score S, subject to bounds on the
 loss of Neighborhood Success (NS, or NSu: only the neighbourhood prompts whose subject is not edited
 itself) and of Generation Entropy against the unedited model; the chosen point
-is then measured on the held-back part, which took no part in the choice.
+is then measured on the held-back part, which took no part in the choice. FT-W and ROME write one layer,
+so their windows are single layers (``[[0], [6]]``).
 
 Cost: statistics are computed once per layer, z once per target layer L = max(R) (a λ-only sweep
 optimises no z at all after the first point), so a λ point costs one keys pass per edited layer, the
-solves and one evaluation; a new layer window with a new L adds one z optimisation.
+solves and one evaluation; a new layer window with a new L adds one z optimisation. FT-W needs no z: each
+of its points is a fine-tuning run.
 """
 
 from __future__ import annotations
@@ -16,15 +20,15 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from memit_pl import io
-from memit_pl.config import MemitConfig
+from memit_pl.config import ConfigError, MemitConfig
 from memit_pl.data.edits import EditRequest
 from memit_pl.editor import MEMIT
-from memit_pl.experiments.sweep import COLUMNS, markdown, plot_rows, row, with_layers
+from memit_pl.experiments.sweep import COLUMNS, markdown, plot_rows, row
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +56,51 @@ def default_windows(n_layers: int, size: int = 5, starts: Sequence[int] = (1, 3,
 
 NS_METRICS = ("NS", "NSu")
 
+#: per method: the ``MemitConfig`` field its grid searches and that field's column in the rows (None: layers only)
+SEARCHED: dict[str, tuple[str, str] | None] = {
+    "memit": ("mom2_update_weight", "lam"),
+    "alphaedit": ("alphaedit_l2", "alpha"),
+    "ft": ("ft_weight_decay", "decay"),
+    "rome": None,
+}
+#: a grid to search when none is given
+DEFAULT_VALUES: dict[str, list[float]] = {"memit": [1e3, 3e3, 1e4, 3e4, 1e5], "alphaedit": [1.0, 10.0, 100.0],
+                                          "ft": [0.0, 1e-3, 1e-2, 1e-1], "rome": []}
+ONE_LAYER = ("ft", "rome")  # methods that write one layer: each window is one layer
+
+
+def point(memit: MemitConfig, window: Sequence[int], value: float | None = None) -> MemitConfig:
+    """``memit`` at one grid point: the window's layers (FT-W: its layer as ``ft_layer``) and the method's
+    searched setting at ``value`` (unchanged when None)."""
+    changes: dict[str, Any] = {"layers": list(window)}
+    if memit.method == "ft":
+        changes["ft_layer"] = window[-1]
+    searched = SEARCHED[memit.method]
+    if searched is not None and value is not None:
+        changes[searched[0]] = float(value)
+    return replace(memit, **changes)
+
+
+def check_grid(memit: MemitConfig, values: Sequence[float], windows: Sequence[Sequence[int]]) -> None:
+    """A one-line error, before any model work, for a grid the method cannot use."""
+    if memit.method not in SEARCHED:
+        raise ConfigError(f"tune: unknown memit.method {memit.method!r}; choose from {', '.join(SEARCHED)}")
+    if not windows or any(not w for w in windows):
+        raise ConfigError("tune: give at least one non-empty layer window")
+    if memit.method in ONE_LAYER and any(len(w) != 1 for w in windows):
+        bad = next(w for w in windows if len(w) != 1)
+        raise ConfigError(f"tune: memit.method {memit.method} writes one layer, so each window is one layer "
+                          f"(e.g. [[0], [6]]); got {list(bad)}")
+    if SEARCHED[memit.method] is None and values:
+        raise ConfigError(f"tune: memit.method {memit.method} has no setting to search besides its layer; "
+                          "give no values (layers only)")
+    if SEARCHED[memit.method] is not None and not values:
+        raise ConfigError(f"tune: give at least one value of {SEARCHED[memit.method][0]} to search")
+
 
 def _check_ns_metric(ns_metric: str) -> None:
     if ns_metric not in NS_METRICS:
-        raise ValueError(f"ns_metric must be one of {NS_METRICS}, got {ns_metric!r}")
+        raise ConfigError(f"ns_metric must be one of {NS_METRICS}, got {ns_metric!r}")
 
 
 def excess(r: dict, base: dict, max_ns_drop: float = 5.0, max_ge_drop: float = 5.0, ns_metric: str = "NS") -> dict[str, float]:
@@ -87,7 +132,7 @@ def tune(
     editor: MEMIT,
     requests: Sequence[EditRequest],
     memit: MemitConfig,
-    lambdas: Sequence[float],
+    values: Sequence[float],
     windows: Sequence[Sequence[int]],
     *,
     tune_fraction: float = 0.5,
@@ -96,29 +141,31 @@ def tune(
     max_ge_drop: float = 5.0,
     ns_metric: str = "NS",
 ) -> dict[str, Any]:
-    """Search the grid on the tuning part; measure the chosen point on the held-back part."""
+    """Search the grid (``windows`` × ``values`` of the method's searched setting, ``SEARCHED``) on the tuning
+    part; measure the chosen point on the held-back part."""
     _check_ns_metric(ns_metric)  # before any expensive work
-    if memit.method in ("ft", "rome"):
-        raise ValueError(f"tune searches λ and layer windows, which memit.method {memit.method} does not use; "
-                         "use `memit-pl sweep` at each of its settings instead")
+    values = list(values or [])
+    check_grid(memit, values, windows)
+    searched = SEARCHED[memit.method]
+    column = None if searched is None else searched[1]
     tune_part, held = split(requests, tune_fraction, seed)
     base_res = editor.evaluate(tune_part)
     base = row(0, base_res)
     rows = []
     for window in windows:
-        cfg = with_layers(memit, window)
-        store = editor.zs(tune_part, cfg)
-        for lam in lambdas:
-            point = with_layers(memit, window, lam)
-            tag = f"L{'-'.join(map(str, window))}_lam{lam:g}"
-            rows.append(row(len(tune_part), editor.edited_evaluation(tune_part, store, point, tag), base_res,
-                            lam=lam, layers=f"{window[0]}-{window[-1]}", window=list(window)))
+        store = None if memit.method == "ft" else editor.zs(tune_part, point(memit, window))
+        for value in values if column else [None]:
+            cfg = point(memit, window, value)
+            tag = f"L{'-'.join(map(str, window))}" + ("" if column is None else f"_{column}{value:g}")
+            extra = {} if column is None else {column: float(value)}
+            rows.append(row(len(tune_part), editor.edited_evaluation(tune_part, store, cfg, tag), base_res,
+                            **extra, layers=f"{window[0]}-{window[-1]}", window=list(window)))
             log.info("tune %s: %s", tag, rows[-1])
     chosen, within = select(rows, base, max_ns_drop, max_ge_drop, ns_metric)
-    best = with_layers(memit, chosen["window"], chosen["lam"])
+    best = point(memit, chosen["window"], None if column is None else chosen[column])
     held_res = editor.evaluate(held)
     held_base = row(0, held_res)
-    store = editor.zs(list(tune_part) + list(held), best)
+    store = None if memit.method == "ft" else editor.zs(list(tune_part) + list(held), best)
     held_row = row(len(held), editor.edited_evaluation(held, store, best, "held", eval_requests=held), held_res)
     result = {
         "n_tune": len(tune_part),
@@ -127,7 +174,10 @@ def tune(
         "bounds": {"max_ns_drop": max_ns_drop, "max_ge_drop": max_ge_drop, "ns_metric": ns_metric},
         "unedited_tune": base,
         "rows": rows,
-        "chosen": {"layers": best.layers, "mom2_update_weight": best.mom2_update_weight, "within_bounds": within},
+        "method": memit.method,
+        "searched": None if searched is None else {"key": searched[0], "column": column},
+        "chosen": {"layers": best.layers, **({} if searched is None else {searched[0]: getattr(best, searched[0])}),
+                   "within_bounds": within},
         "unedited_held": held_base,
         "held": held_row,
         "memit": asdict(best),
@@ -155,21 +205,31 @@ def _bounds(result: dict[str, Any]) -> str:
     return f"{b.get('ns_metric', 'NS')} −{b['max_ns_drop']:g}, GE −{b['max_ge_drop']:g}"
 
 
+LABELS = {"lam": "λ", "alpha": "α", "decay": "decay"}
+
+
 def write_tune(out_dir: str | Path, result: dict[str, Any], model_cfg: dict, stats_cfg: dict, title: str) -> Path:
     """tune.json, tune.md, tune.png and the tuned config ``tuned.yaml``; returns the YAML's path."""
     from memit_pl.config import to_yaml
 
     out_dir = Path(out_dir)
     io.write_json(out_dir / "tune.json", result)
-    keys = ("layers", "lam", *COLUMNS)
+    # results written before other methods could be tuned searched λ
+    searched = result["searched"] if "searched" in result else {"key": "mom2_update_weight", "column": "lam"}
+    column = None if searched is None else searched["column"]
+    keys = ("layers", *((column,) if column else ()), *COLUMNS)
     broken = held_breaks(result)
+    chosen = result["chosen"]
+    value = "" if column is None else f", {LABELS.get(column, column)} {chosen[searched['key']]:g}"
+    method = result.get("method", "memit")
     text = [
-        f"tuning part: {result['n_tune']} edits, held-back part: {result['n_held']} edits (seed {result['seed']})",
+        f"tuning part: {result['n_tune']} edits, held-back part: {result['n_held']} edits (seed {result['seed']})"
+        + ("" if method == "memit" else f"; method {method}"),
         "",
-        markdown([{**result["unedited_tune"], "layers": "unedited", "lam": None}, *result["rows"]], keys),
+        markdown([{**result["unedited_tune"], "layers": "unedited"}, *result["rows"]], keys),
         "",
-        f"chosen: layers {result['chosen']['layers']}, λ {result['chosen']['mom2_update_weight']:g}"
-        f" ({'within' if result['chosen']['within_bounds'] else 'OUTSIDE'} the bounds: {_bounds(result)}),"
+        f"chosen: layers {chosen['layers']}{value}"
+        f" ({'within' if chosen['within_bounds'] else 'OUTSIDE'} the bounds: {_bounds(result)}),"
         f" for {result['n_tune']} edits in one batch",
         "",
         f"held-back part ({'OUTSIDE the bounds: ' + broken if broken else 'within the bounds'}):",
@@ -177,11 +237,19 @@ def write_tune(out_dir: str | Path, result: dict[str, Any], model_cfg: dict, sta
         markdown([{**result["unedited_held"], "which": "unedited"}, {**result["held"], "which": "edited"}], ("which", *COLUMNS)),
     ]
     io.write_text(out_dir / "tune.md", "\n".join(text) + "\n")
-    plot_rows(result["rows"], "lam", out_dir / "tune.png", f"{title}: {result['n_tune']} edits in one batch vs λ", group="layers",
-              baseline=result["unedited_tune"])
+    heading = f"{title}: {result['n_tune']} edits in one batch vs "
+    if column is None:  # layers only (ROME): one point per layer
+        rows = [{**r, "layer": r["window"][-1]} for r in result["rows"]]
+        plot_rows(rows, "layer", out_dir / "tune.png", heading + "layer", log_x=False, keep_zero=True,
+                  baseline=result["unedited_tune"])
+    else:
+        plot_rows(result["rows"], column, out_dir / "tune.png", heading + LABELS.get(column, column), group="layers",
+                  keep_zero=True, baseline=result["unedited_tune"])
+    why = ("the edits' keys weigh against λC in proportion to their number, so other batch sizes trade"
+           if method == "memit" else "settings chosen at one batch size trade differently at others, so other batch sizes trade")
     path = out_dir / "tuned.yaml"
     io.write_text(path, f"# chosen by `memit-pl tune` (see {out_dir / 'tune.md'}) for {result['n_tune']} edits in one batch:\n"
-                  "# the edits' keys weigh against λC in proportion to their number, so other batch sizes trade\n"
+                  f"# {why}\n"
                   "# efficacy and specificity differently (measure them with `memit-pl sweep`)\n"
                   + to_yaml({"model": model_cfg, "memit": result["memit"], "stats": stats_cfg}))
     return path
