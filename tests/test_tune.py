@@ -249,6 +249,11 @@ def test_tune_cli_rejects_lambdas_for_another_method_in_one_line(capsys):
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--lambdas is MEMIT's λ; for memit.method ft give --values" in err[0]
+    # --values reaches the grid check as the list given (a ROME search takes none)
+    rc = cli.main(["tune", "--edits", "x.json", "--out", "y", "--memit.method", "rome", "--values", "[3, 30]",
+                   "--windows", "[[1]]"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "has no setting to search besides its layer" in err[0]
 
 
 def test_write_tune_names_the_searched_setting_and_plots_a_zero_decay(tmp_path):

@@ -47,7 +47,8 @@ def main(argv: list[str]) -> int:
     memit = secs["memit"]
     if cfg.lambdas is not None and memit.method != "memit":
         raise ConfigError(f"--lambdas is MEMIT's λ; for memit.method {memit.method} give --values")
-    values = next(v for v in (cfg.values, cfg.lambdas, DEFAULT_VALUES.get(memit.method, [])) if v is not None)
+    given = cfg["values"]  # not cfg.values: the namespace's own values() method
+    values = next(v for v in (given, cfg.lambdas, DEFAULT_VALUES.get(memit.method, [])) if v is not None)
     windows = cfg.windows or ([[memit.layers[0]], [memit.layers[-1]]] if memit.method in ONE_LAYER else None)
     check_grid(memit, values, windows or [[0]])  # before the model loads
 
