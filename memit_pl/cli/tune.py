@@ -24,7 +24,8 @@ def main(argv: list[str]) -> int:
                              "[1, 10, 100]), FT-W ft_weight_decay (default [0, 1e-3, 1e-2, 1e-1]); ROME: none")
     parser.add_argument("--windows", type=list[list[int]] | None, default=None,
                         help="layer windows to try (default: 5-layer windows starting at 1, 3, 5; for FT-W and "
-                             "ROME, which write one layer, the first and the last layer of memit.layers)")
+                             "ROME, which write one layer, the first and the last layer of memit.layers, or FT-W's "
+                             "memit.ft_layer when set)")
     parser.add_argument("--tune_fraction", type=float, default=0.5, help="share of the edits used for the search")
     parser.add_argument("--seed", type=int, default=0, help="seed of the tuning/held-back split")
     parser.add_argument("--max_ns_drop", type=float, default=5.0, help="allowed loss of Neighborhood Success (points)")
@@ -49,7 +50,9 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"--lambdas is MEMIT's λ; for memit.method {memit.method} give --values")
     given = cfg["values"]  # not cfg.values: the namespace's own values() method
     values = next(v for v in (given, cfg.lambdas, DEFAULT_VALUES.get(memit.method, [])) if v is not None)
-    windows = cfg.windows or ([[memit.layers[0]], [memit.layers[-1]]] if memit.method in ONE_LAYER else None)
+    one_layer = [[memit.ft_layer]] if memit.method == "ft" and memit.ft_layer is not None else \
+        [[memit.layers[0]], [memit.layers[-1]]]
+    windows = cfg.windows or (one_layer if memit.method in ONE_LAYER else None)
     check_grid(memit, values, windows or [[0]])  # before the model loads
 
     requests = load_edits(cfg.edits, limit=cfg.limit, drop_conflicting=cfg.drop_conflicts,

@@ -245,11 +245,11 @@ def write_tune(out_dir: str | Path, result: dict[str, Any], model_cfg: dict, sta
     else:
         plot_rows(result["rows"], column, out_dir / "tune.png", heading + LABELS.get(column, column), group="layers",
                   keep_zero=True, baseline=result["unedited_tune"])
-    why = ("the edits' keys weigh against λC in proportion to their number, so other batch sizes trade"
-           if method == "memit" else "settings chosen at one batch size trade differently at others, so other batch sizes trade")
+    why = ("# the edits' keys weigh against λC in proportion to their number, so other batch sizes trade\n"
+           "# efficacy and specificity differently (measure them with `memit-pl sweep`)\n") if method == "memit" else (
+           "# a setting chosen at one batch size can trade efficacy and specificity differently at another\n"
+           "# (measure them with `memit-pl sweep`)\n")
     path = out_dir / "tuned.yaml"
     io.write_text(path, f"# chosen by `memit-pl tune` (see {out_dir / 'tune.md'}) for {result['n_tune']} edits in one batch:\n"
-                  f"# {why}\n"
-                  "# efficacy and specificity differently (measure them with `memit-pl sweep`)\n"
-                  + to_yaml({"model": model_cfg, "memit": result["memit"], "stats": stats_cfg}))
+                  + why + to_yaml({"model": model_cfg, "memit": result["memit"], "stats": stats_cfg}))
     return path
