@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
     one_layer = [[memit.ft_layer]] if memit.method == "ft" and memit.ft_layer is not None else \
         [[memit.layers[0]], [memit.layers[-1]]]
     windows = cfg.windows or (one_layer if memit.method in ONE_LAYER else None)
-    check_grid(memit, values, windows or [[0]])  # before the model loads
+    check_grid(memit, values, windows)  # before the model loads
 
     requests = load_edits(cfg.edits, limit=cfg.limit, drop_conflicting=cfg.drop_conflicts,
                           drop_empty=cfg.drop_empty)

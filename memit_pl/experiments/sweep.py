@@ -134,5 +134,3 @@ def write_sweep(out_dir: str | Path, rows: list[dict], meta: dict[str, Any]) -> 
               baseline=rows[0] if lam else None)
 
 
-def with_layers(memit: MemitConfig, layers: Sequence[int], lam: float | None = None) -> MemitConfig:
-    return replace(memit, layers=list(layers), mom2_update_weight=memit.mom2_update_weight if lam is None else lam)

@@ -81,13 +81,14 @@ def point(memit: MemitConfig, window: Sequence[int], value: float | None = None)
     return replace(memit, **changes)
 
 
-def check_grid(memit: MemitConfig, values: Sequence[float], windows: Sequence[Sequence[int]]) -> None:
-    """A one-line error, before any model work, for a grid the method cannot use."""
+def check_grid(memit: MemitConfig, values: Sequence[float], windows: Sequence[Sequence[int]] | None) -> None:
+    """A one-line error, before any model work, for a grid the method cannot use (``windows`` None: the
+    default windows, not known before the model is loaded, are not checked)."""
     if memit.method not in SEARCHED:
         raise ConfigError(f"tune: unknown memit.method {memit.method!r}; choose from {', '.join(SEARCHED)}")
-    if not windows or any(not w for w in windows):
+    if windows is not None and (not windows or any(not w for w in windows)):
         raise ConfigError("tune: give at least one non-empty layer window")
-    if memit.method in ONE_LAYER and any(len(w) != 1 for w in windows):
+    if windows is not None and memit.method in ONE_LAYER and any(len(w) != 1 for w in windows):
         bad = next(w for w in windows if len(w) != 1)
         raise ConfigError(f"tune: memit.method {memit.method} writes one layer, so each window is one layer "
                           f"(e.g. [[0], [6]]); got {list(bad)}")

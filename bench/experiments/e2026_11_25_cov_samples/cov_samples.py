@@ -13,7 +13,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from bench.experiments.common import command, parser, save, setup  # noqa: E402
-from memit_pl.experiments.sweep import row, with_layers  # noqa: E402
+from memit_pl.experiments.sweep import row  # noqa: E402
+from memit_pl.experiments.tune import point  # noqa: E402
 
 
 def main() -> None:
@@ -23,7 +24,7 @@ def main() -> None:
     args = ap.parse_args()
     memit, ed, tune_part, _ = setup(args, n_samples=args.n_samples)
     store = ed.zs(tune_part, memit)
-    rows = [row(len(tune_part), ed.edited_evaluation(tune_part, store, with_layers(memit, memit.layers, lam), f"lam{lam:g}"),
+    rows = [row(len(tune_part), ed.edited_evaluation(tune_part, store, point(memit, memit.layers, lam), f"lam{lam:g}"),
                 lam=lam, n_samples=args.n_samples) for lam in args.lambdas]
     result = {"layers": memit.layers, "rows": rows, "command": command(__file__)}
     save(args.out, result)

@@ -17,7 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from bench.experiments.common import command, parser, save, setup  # noqa: E402
-from memit_pl.experiments.sweep import row, with_layers  # noqa: E402
+from memit_pl.experiments.sweep import row  # noqa: E402
+from memit_pl.experiments.tune import point  # noqa: E402
 
 
 def main() -> None:
@@ -27,7 +28,7 @@ def main() -> None:
     memit, ed, tune_part, held = setup(args)
     unedited = row(len(held), ed.evaluate(held))
     store = ed.zs(tune_part, memit)
-    edited = row(len(held), ed.edited_evaluation(tune_part, store, with_layers(memit, memit.layers, args.lam), "spill",
+    edited = row(len(held), ed.edited_evaluation(tune_part, store, point(memit, memit.layers, args.lam), "spill",
                                                  eval_requests=held), lam=args.lam)
     result = {"edited_cases": len(tune_part), "evaluated_cases": len(held), "layers": memit.layers, "lam": args.lam,
               "held_unedited": unedited, "held_with_tuning_part_edited": edited,

@@ -17,7 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from bench.experiments.common import command, load, parser, save  # noqa: E402
-from memit_pl.experiments.sweep import row, with_layers  # noqa: E402
+from memit_pl.experiments.sweep import row  # noqa: E402
+from memit_pl.experiments.tune import point  # noqa: E402
 
 
 def main() -> None:
@@ -28,7 +29,7 @@ def main() -> None:
     store = ed.zs(requests, memit)
     rows = []
     for lam in args.lams:
-        cfg = with_layers(memit, memit.layers, lam)
+        cfg = point(memit, memit.layers, lam)
         rows.append(row(len(requests), ed.edited_evaluation(requests, store, cfg, f"lam{lam:g}"), lam=lam,
                         layers=f"{memit.layers[0]}-{memit.layers[-1]}"))
         print(json.dumps(rows[-1]), flush=True)

@@ -18,7 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from bench.experiments.common import command, load, parser, save, without_generation  # noqa: E402
-from memit_pl.experiments.sweep import row, with_layers  # noqa: E402
+from memit_pl.experiments.sweep import row  # noqa: E402
+from memit_pl.experiments.tune import point  # noqa: E402
 
 
 def main() -> None:
@@ -34,7 +35,7 @@ def main() -> None:
     total = sum(len(c["prompts"]["neighborhood"]) for c in unedited["cases"])
     print(json.dumps(rows[-1]), flush=True)
     for lam in args.lams:
-        cfg = with_layers(memit, memit.layers, lam)
+        cfg = point(memit, memit.layers, lam)
         rows.append(row(len(requests), ed.edited_evaluation(requests, store, cfg, f"lam{lam:g}"), lam=lam,
                         layers=f"{memit.layers[0]}-{memit.layers[-1]}"))
         print(json.dumps(rows[-1]), flush=True)

@@ -18,7 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from bench.experiments.common import command, parser, save, setup  # noqa: E402
-from memit_pl.experiments.sweep import row, with_layers  # noqa: E402
+from memit_pl.experiments.sweep import row  # noqa: E402
+from memit_pl.experiments.tune import point  # noqa: E402
 
 
 def main() -> None:
@@ -29,13 +30,13 @@ def main() -> None:
     memit, ed, tune_part, _ = setup(args)
     rows = []
     for window in args.windows:
-        cfg = with_layers(memit, window)
+        cfg = point(memit, window)
         t0 = time.perf_counter()
         store = ed.zs(tune_part, cfg)
         z_s = time.perf_counter() - t0
         for lam in args.lams:
             tag = f"L{'-'.join(map(str, window))}_lam{lam:g}"
-            rows.append(row(len(tune_part), ed.edited_evaluation(tune_part, store, with_layers(memit, window, lam), tag),
+            rows.append(row(len(tune_part), ed.edited_evaluation(tune_part, store, point(memit, window, lam), tag),
                             lam=lam, layers=f"{window[0]}-{window[-1]}", z_seconds=round(z_s, 1)))
             print(json.dumps(rows[-1]), flush=True)
     result = {"cases": len(tune_part), "rows": rows, "command": command(__file__)}
