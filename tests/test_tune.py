@@ -278,9 +278,48 @@ def test_write_tune_names_the_searched_setting_and_plots_a_zero_decay(tmp_path):
     assert MemitConfig(**yaml.safe_load(path.read_text())["memit"]) == chosen
 
 
-def test_a_lambda_sweep_of_a_method_without_lambda_is_refused(editor):
+def test_a_sweep_varies_the_methods_own_setting(editor, monkeypatch, tmp_path):
+    """``values`` is MEMIT's λ, AlphaEdit's ridge, FT-W's decay: each row is edited at its value, named by
+    the method's column, and the model is restored after each."""
+    from memit_pl.experiments.sweep import write_sweep
+
+    spec = get_spec(editor.model)
+    before = spec.out_weight(editor.model, 1).clone()
+    seen = []
+    real = editor.edited_evaluation
+    monkeypatch.setattr(editor, "edited_evaluation",
+                        lambda reqs, store, cfg, tag, **kw: seen.append((cfg, tag)) or real(reqs, store, cfg, tag, **kw))
+    ft = MemitConfig(layers=[1], method="ft", ft_layer=1, ft_steps=3)
+    rows = scaling_sweep(editor, REQUESTS, ft, [2, 6], values=[0.0, 0.5])
+    assert [(r["n"], r.get("decay")) for r in rows] == [(0, None), (2, 0.0), (6, 0.0), (2, 0.5), (6, 0.5)]
+    assert [(c.ft_weight_decay, t) for c, t in seen] == [(0.0, "n2_decay0"), (0.0, "n6_decay0"), (0.5, "n2_decay0.5"),
+                                                         (0.5, "n6_decay0.5")]
+    assert editor.z_runs == 0  # FT-W has no z
+    assert torch.equal(spec.out_weight(editor.model, 1), before)
+    write_sweep(tmp_path, rows, {"model": "tiny", "method": "ft"})
+    assert (tmp_path / "sweep.md").read_text().startswith("| n | decay | S |")
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+    seen.clear()
+    rows = scaling_sweep(editor, REQUESTS, MEMIT, [6], values=[10.0, 1000.0])
+    assert [r.get("lam") for r in rows] == [None, 10.0, 1000.0]
+    assert [c.mom2_update_weight for c, _ in seen] == [10.0, 1000.0] and editor.z_runs == 1
+
+
+def test_a_sweep_of_a_setting_rome_does_not_have_is_refused(editor):
     from memit_pl.config import ConfigError
 
-    with pytest.raises(ConfigError, match="memit.method ft does not use"):
-        scaling_sweep(editor, REQUESTS, MemitConfig(layers=[1], method="ft"), [1, 2], lambdas=[10.0, 100.0])
+    with pytest.raises(ConfigError, match="memit.method rome has no setting to vary besides its layer"):
+        scaling_sweep(editor, REQUESTS, MemitConfig(layers=[1], method="rome"), [1, 2], values=[10.0, 100.0])
     assert editor.z_runs == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--memit.method", "ft", "--lambdas", "[1000]"], "--lambdas is MEMIT's λ; for memit.method ft give --values"),
+    (["--memit.method", "rome", "--values", "[3]"], "memit.method rome has no setting to vary besides its layer"),
+])
+def test_sweep_cli_rejects_a_grid_the_method_cannot_use_in_one_line(capsys, args, message):
+    from memit_pl import cli
+
+    rc = cli.main(["sweep", "--edits", "x.json", "--out", "y", *args])  # before the file or the model is read
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message in err[0]

@@ -17,22 +17,38 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--z_dir", default=None, help="z store to reuse and extend (e.g. an edit run's z/), for its target layer")
     parser.add_argument("--grid", type=list[int] | None, default=None, help="numbers of edits (default 1, 10, 100, ..., all)")
     parser.add_argument("--lambdas", type=list[float] | None, default=None,
-                        help="λ values to sweep (one row per λ and n; default: memit.mom2_update_weight)")
+                        help="MEMIT's λ values to sweep (one row per λ and n; default: memit.mom2_update_weight); "
+                             "the same as --values for MEMIT")
+    parser.add_argument("--values", type=list[float] | None, default=None,
+                        help="values of the method's own setting, one row per value and n: MEMIT λ, AlphaEdit "
+                             "alphaedit_l2, FT-W ft_weight_decay (ROME has none); default: the config's")
     cfg, secs = parse(parser, argv)
-    from memit_pl.experiments.sweep import log_grid, scaling_sweep, write_sweep
+    from memit_pl.config import ConfigError
+    from memit_pl.experiments.sweep import SEARCHED, log_grid, scaling_sweep, write_sweep
+
+    memit = secs["memit"]
+    if cfg.lambdas is not None and memit.method != "memit":
+        raise ConfigError(f"--lambdas is MEMIT's λ; for memit.method {memit.method} give --values")
+    given = cfg["values"]  # not cfg.values: the namespace's own values() method
+    values = given if given is not None else cfg.lambdas
+    if values and SEARCHED.get(memit.method) is None:  # before the model loads
+        raise ConfigError(f"sweep: memit.method {memit.method} has no setting to vary besides its layer; give no --values")
 
     requests = load_edits(cfg.edits, limit=cfg.limit, drop_conflicting=cfg.drop_conflicts,
                           drop_empty=cfg.drop_empty)
     model, tok = load(secs["model"], memit_cfg=secs["memit"])
     out = Path(cfg.out)
     save_config(out, "sweep", secs, {"edits": str(cfg.edits), "limit": cfg.limit, "grid": cfg.grid,
-                                     "lambdas": cfg.lambdas})
+                                     "values": values})
     editor = make_editor(secs, model, tok, out / "work", cfg.z_dir)
     editor.check(requests)
     grid = cfg.grid or log_grid(len(requests))
-    rows = scaling_sweep(editor, requests, secs["memit"], grid, lambdas=cfg.lambdas)
-    meta = {"model": secs["model"].name, "edits_file": str(cfg.edits), "layers": secs["memit"].layers,
-            "lambda": cfg.lambdas or secs["memit"].mom2_update_weight, "method": secs["memit"].method,
+    rows = scaling_sweep(editor, requests, memit, grid, values=values)
+    searched = SEARCHED.get(memit.method)
+    key = "lambda" if memit.method == "memit" else None if searched is None else searched[0]
+    setting = {} if key is None else {key: values or getattr(memit, searched[0])}
+    meta = {"model": secs["model"].name, "edits_file": str(cfg.edits), "layers": memit.layers,
+            "method": memit.method, **setting,
             "compute_dtype": editor.compute_dtype, "n_requests": len(requests),
             "command": "memit-pl sweep " + " ".join(argv)}
     write_sweep(out, rows, meta)

@@ -1,5 +1,5 @@
 """Experiments that edit the same model many times: the scaling sweep (the paper's Figure 5) and the
-λ / layer search of ``tune``. Everything that does not change between points is computed once:
+layer / setting search of ``tune``. Everything that does not change between points is computed once:
 statistics per layer, z per target layer L (z depends on nothing else), the unedited evaluation."""
 
 from __future__ import annotations
@@ -20,6 +20,25 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ("S", "ES", "PS", "NS", "NSu", "GE")
 EASYEDIT_COLUMNS = ("reliability", "generalization", "locality")
+#: per method, the one setting that trades efficacy against specificity, as (MemitConfig key, row column):
+#: what ``tune`` searches and ``sweep --values`` varies; ROME has none besides its layer
+SEARCHED: dict[str, tuple[str, str] | None] = {
+    "memit": ("mom2_update_weight", "lam"),
+    "alphaedit": ("alphaedit_l2", "alpha"),
+    "ft": ("ft_weight_decay", "decay"),
+    "rome": None,
+}
+LABELS = {"lam": "λ", "alpha": "α", "decay": "decay"}
+
+
+def with_value(memit: MemitConfig, value: float) -> MemitConfig:
+    """``memit`` with its method's searched setting (``SEARCHED``) at ``value``."""
+    from memit_pl.config import ConfigError
+
+    searched = SEARCHED.get(memit.method)
+    if searched is None:
+        raise ConfigError(f"memit.method {memit.method} has no setting to vary besides its layer")
+    return replace(memit, **{searched[0]: float(value)})
 
 
 def log_grid(n_max: int) -> list[int]:
@@ -40,26 +59,29 @@ def row(n: int, result: dict[str, Any], unedited: dict[str, Any] | None = None, 
 
 
 def scaling_sweep(editor: MEMIT, requests: Sequence[EditRequest], memit: MemitConfig, grid: Sequence[int],
-                  lambdas: Sequence[float] | None = None) -> list[dict]:
+                  values: Sequence[float] | None = None) -> list[dict]:
     """Rows {n, S, ES, PS, NS, NSu, GE} for the unedited model (n = 0, on all cases) and for the first n
     cases edited in one batch (evaluated on those n); z is computed once for all cases. Each edited row
     also has ``NSu_unedited``: the unedited model's NSu on the same prompts (those cases, those subjects).
-    With ``lambdas``, one row per λ and n (each with its ``lam``); z does not depend on λ."""
+    With ``values``, one row per value of the method's searched setting (``SEARCHED``: MEMIT's λ as ``lam``,
+    AlphaEdit's ridge as ``alpha``, FT-W's decay as ``decay``) and n; z depends on none of them."""
     from memit_pl.config import ConfigError
     from memit_pl.stages.evaluate import nsu_of_records
 
-    if lambdas and memit.method != "memit":
-        raise ConfigError(f"sweep: lambdas are MEMIT's λ, which memit.method {memit.method} does not use")
+    searched = SEARCHED.get(memit.method)
+    if values and searched is None:
+        raise ConfigError(f"sweep: memit.method {memit.method} has no setting to vary besides its layer; give no values")
+    column = searched[1] if values else None
     store = None if memit.method == "ft" else editor.zs(requests, memit)
     unedited = editor.evaluate(requests)
     rows = [row(0, unedited)]
     log.info("sweep n=0: %s", rows[-1])
-    for lam in lambdas or [None]:
-        point = memit if lam is None else replace(memit, mom2_update_weight=float(lam))
+    for value in values or [None]:
+        point = memit if value is None else with_value(memit, value)
         for n in grid:
             base = nsu_of_records(unedited["cases"][:n], [r.subject for r in requests[:n]])
-            extra = {} if lam is None else {"lam": float(lam)}
-            tag = f"n{n}" if lam is None else f"n{n}_lam{lam:g}"
+            extra = {} if value is None else {column: float(value)}
+            tag = f"n{n}" if value is None else f"n{n}_{column}{value:g}"
             rows.append(row(n, editor.edited_evaluation(requests[:n], store, point, tag), unedited,
                             NSu_unedited=None if base is None else round(base, 2), **extra))
             log.info("sweep %s: %s", tag, rows[-1])
@@ -80,7 +102,7 @@ def plot_rows(rows: Sequence[dict], x: str, path: str | Path, title: str, group:
     for gi, g in enumerate(groups):
         sel = [r for r in rows if (group is None or r.get(group) == g) and (r[x] > 0 or keep_zero)]
         xs = [r[x] for r in sel]
-        label = f" ({group} {g})" if group else ""
+        label = f" ({LABELS.get(group, group)} {g:g})" if group and isinstance(g, (int, float)) else (f" ({group} {g})" if group else "")
         for k, colour in zip(("S", "ES", "PS", "NS", "NSu"), ("black", "tab:blue", "tab:orange", "tab:green", "tab:olive")):
             pts = [(xv, r[k]) for xv, r in zip(xs, sel) if r.get(k) is not None]
             if pts:
@@ -126,11 +148,9 @@ def markdown(rows: Sequence[dict], keys: Sequence[str]) -> str:
 def write_sweep(out_dir: str | Path, rows: list[dict], meta: dict[str, Any]) -> None:
     out_dir = Path(out_dir)
     io.write_json(out_dir / "sweep.json", {**meta, "rows": rows})
-    lam = any("lam" in r for r in rows)
+    column = next((c for _, c in filter(None, SEARCHED.values()) if any(c in r for r in rows)), None)
     same = ("NS_unedited",) if any("NS_unedited" in r for r in rows) else ()  # the unedited NS on the row's cases
-    io.write_text(out_dir / "sweep.md", markdown(rows, ("n", *(("lam",) if lam else ()), *COLUMNS, *same,
+    io.write_text(out_dir / "sweep.md", markdown(rows, ("n", *((column,) if column else ()), *COLUMNS, *same,
                                                         "NSu_unedited", *EASYEDIT_COLUMNS)) + "\n")
-    plot_rows(rows, "n", out_dir / "sweep.png", f"{meta.get('model')}: edits in one batch", group="lam" if lam else None,
-              baseline=rows[0] if lam else None)
-
-
+    plot_rows(rows, "n", out_dir / "sweep.png", f"{meta.get('model')}: edits in one batch", group=column,
+              baseline=rows[0] if column else None)

@@ -28,7 +28,7 @@ from memit_pl import io
 from memit_pl.config import ConfigError, MemitConfig
 from memit_pl.data.edits import EditRequest
 from memit_pl.editor import MEMIT
-from memit_pl.experiments.sweep import COLUMNS, markdown, plot_rows, row
+from memit_pl.experiments.sweep import COLUMNS, LABELS, SEARCHED, markdown, plot_rows, row, with_value
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +56,6 @@ def default_windows(n_layers: int, size: int = 5, starts: Sequence[int] = (1, 3,
 
 NS_METRICS = ("NS", "NSu")
 
-#: per method: the ``MemitConfig`` field its grid searches and that field's column in the rows (None: layers only)
-SEARCHED: dict[str, tuple[str, str] | None] = {
-    "memit": ("mom2_update_weight", "lam"),
-    "alphaedit": ("alphaedit_l2", "alpha"),
-    "ft": ("ft_weight_decay", "decay"),
-    "rome": None,
-}
 #: a grid to search when none is given
 DEFAULT_VALUES: dict[str, list[float]] = {"memit": [1e3, 3e3, 1e4, 3e4, 1e5], "alphaedit": [1.0, 10.0, 100.0],
                                           "ft": [0.0, 1e-3, 1e-2, 1e-1], "rome": []}
@@ -75,10 +68,8 @@ def point(memit: MemitConfig, window: Sequence[int], value: float | None = None)
     changes: dict[str, Any] = {"layers": list(window)}
     if memit.method == "ft":
         changes["ft_layer"] = window[-1]
-    searched = SEARCHED[memit.method]
-    if searched is not None and value is not None:
-        changes[searched[0]] = float(value)
-    return replace(memit, **changes)
+    memit = replace(memit, **changes)
+    return memit if value is None or SEARCHED[memit.method] is None else with_value(memit, value)
 
 
 def check_grid(memit: MemitConfig, values: Sequence[float], windows: Sequence[Sequence[int]] | None) -> None:
@@ -204,9 +195,6 @@ def held_breaks(result: dict[str, Any]) -> str:
 def _bounds(result: dict[str, Any]) -> str:
     b = result["bounds"]
     return f"{b.get('ns_metric', 'NS')} −{b['max_ns_drop']:g}, GE −{b['max_ge_drop']:g}"
-
-
-LABELS = {"lam": "λ", "alpha": "α", "decay": "decay"}
 
 
 def write_tune(out_dir: str | Path, result: dict[str, Any], model_cfg: dict, stats_cfg: dict, title: str) -> Path:

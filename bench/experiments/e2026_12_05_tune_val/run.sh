@@ -1,0 +1,17 @@
+#!/bin/bash
+# λ and window of the shipped SmolLM2-135M config, tuned on counterfact-val (tuning data, Eqn. 5 conflicts
+# dropped: 1,912 cases) at the Table 2 batch size: 1,000 edits in one batch (tune_fraction 0.523), the other
+# 912 held back. z of all 1,912 comes from a bank of the val split (resumable, 40-minute runs).
+# From the repository root: bash bench/experiments/e2026_12_05_tune_val/run.sh
+set -e
+PY=${PY:-.venv/bin/python}
+VAL=../shared/data/counterfact/counterfact-val.json
+BANK=bench/zbank/smollm2-135m-val
+OUT=${OUT:-runs/tune-val}
+until "$PY" -c "import json,sys; sys.exit(json.load(open('$BANK/bank.json'))['n_edits'] < 1912)" 2>/dev/null; do
+  "$PY" -m bench.zbank --edits "$VAL" --bank "$BANK" --minutes 40 --work runs/zbank-val
+done
+"$PY" -c "from bench.zbank import seed; print(seed('$OUT/z', '$BANK'), 'chunks seeded')"
+.venv/bin/memit-pl tune --config configs/smollm2-135m.yaml --edits "$VAL" --drop_conflicts true \
+  --tune_fraction 0.523 --windows '[[0,1,2,3,4,5,6],[2,3,4,5,6]]' --values '[1000,2000,4000,8000]' \
+  --z_dir "$OUT/z" --out "$OUT"
