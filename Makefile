@@ -37,8 +37,8 @@ bench: install
 	$(BIN)/python -m bench.overlap --cases runs/bench-overlap-unedited/cases.jsonl
 	$(BIN)/python -m bench.stats --n-chunks 64 --repeats 3
 	$(BIN)/python -m bench.eval --n 50 --repeats 3 --ge-cases 4
-	$(BIN)/python -m bench.z --n 100 --batch 32 --plain 32
-	$(BIN)/python -m bench.edit --n 100 584 --fresh
+	$(BIN)/python -m bench.z --n 200 --compare 16 --plain 32 --batch 32 --compute bfloat16 --compile
+	$(BIN)/python -m bench.edit --edits $(CF) --n 100 584 --fresh
 	$(BIN)/memit-pl z --config configs/smollm2-135m.yaml --edits data/demo_edits.jsonl --out runs/bench-corpus-z
 	$(BIN)/python -m bench.corpus --z runs/bench-corpus-z
 
