@@ -50,7 +50,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
                     help="a memit setting for one method, e.g. ft.ft_weight_decay=1e-3 (repeatable)")
     ap.add_argument("--zbank", action="store_true",
-                    help="start z from bench/zbank/<model> (bench/zbank.py); z_s then adds the banked chunks' seconds")
+                    help="start z from bench/zbank/<model> (bench/zbank.py; <model>-bf16 under a bfloat16 compute dtype); z_s "
+                         "then adds the banked chunks' seconds")
     ap.add_argument("--grid", default="", help="also the first n cases for each n of this comma list (< N)")
     ap.add_argument("--sweep-out", default=None, help="write Figure 5 (sweep.json/.md/.png) from MEMIT's rows here")
     ap.add_argument("--work", default="runs/methods")
@@ -107,7 +108,7 @@ def main() -> None:
             if args.zbank:
                 from bench import zbank
 
-                banked_s = zbank.seed_run(editor.z_store_dir(memit), cfg.model.name, n)
+                banked_s = zbank.seed_run(editor.z_store_dir(memit), cfg.model.name, n, editor.compute_dtype)
             with meter("z"):
                 editor.zs(requests, memit)
             z_s = meter.timings["z_s"] + banked_s

@@ -36,10 +36,17 @@ BANKS = ROOT / "bench" / "zbank"
 INDEX = "bank.json"
 
 
-def bank_dir(model: str, layer: int | None = None) -> Path:
-    """``bench/zbank/<model>`` (the shipped config's L), or ``bench/zbank/<model>-L<layer>`` for a bank at
-    another target layer (``smollm2-135m-L8``)."""
-    return BANKS / (model if layer is None else f"{model}-L{layer}")
+SHORT_DTYPES = {"bfloat16": "bf16", "float16": "fp16"}
+
+
+def bank_dir(model: str, layer: int | None = None, compute_dtype: str = "float32") -> Path:
+    """``bench/zbank/<model>`` (the shipped config's L, float32), ``bench/zbank/<model>-L<layer>`` for a bank at
+    another target layer (``smollm2-135m-L8``), ``bench/zbank/<model>-bf16`` for z optimised under bf16
+    autocast (a store key of its own)."""
+    if compute_dtype not in ("float32", *SHORT_DTYPES):
+        raise SystemExit(f"a z bank needs a fixed compute dtype (float32, bfloat16 or float16), not {compute_dtype!r}")
+    suffix = ("" if layer is None else f"-L{layer}") + ("" if compute_dtype == "float32" else f"-{SHORT_DTYPES[compute_dtype]}")
+    return BANKS / (model + suffix)
 
 
 def read_index(bank: Path) -> dict:
@@ -116,10 +123,11 @@ def banked_seconds(bank: Path, n: int) -> float | None:
     return sum(c["s_per_edit"] * k for c, k in used)
 
 
-def seed_run(store_dir: str | Path, model: str, n: int) -> float:
-    """Seed a benchmark's z store from the bank of ``model``; returns the banked chunks' seconds for the first
-    ``n`` cases, which the benchmark adds to its own z seconds (stops when one of them has no clean time)."""
-    bank = bank_dir(model)
+def seed_run(store_dir: str | Path, model: str, n: int, compute_dtype: str = "float32") -> float:
+    """Seed a benchmark's z store from the bank of ``model`` at ``compute_dtype``; returns the banked chunks'
+    seconds for the first ``n`` cases, which the benchmark adds to its own z seconds (stops when one of them
+    has no clean time)."""
+    bank = bank_dir(model, compute_dtype=compute_dtype)
     logging.info("z: %d chunk files seeded from %s", seed(store_dir, bank), bank.relative_to(ROOT))
     secs = banked_seconds(bank, n)
     if secs is None:
@@ -173,8 +181,8 @@ def main() -> None:
     cfg = replace(cfg, trainer=TrainerConfig(enable_progress_bar=False))
     if args.batch:
         cfg = replace(cfg, memit=replace(cfg.memit, z_batch_size=args.batch))
-    bank = Path(args.bank).resolve() if args.bank else bank_dir(cfg.model.name)
     if args.import_store:
+        bank = Path(args.bank).resolve() if args.bank else bank_dir(cfg.model.name, compute_dtype=cfg.model.compute_dtype)
         store = load_store(args.import_store)
         have = set(store.case_ids)
         requests = load_edits(args.edits, limit=args.n, drop_conflicting=True)
@@ -190,6 +198,7 @@ def main() -> None:
         return
 
     editor = MEMIT.from_pretrained(cfg.model.name, config=cfg, work_dir=args.work)
+    bank = Path(args.bank).resolve() if args.bank else bank_dir(cfg.model.name, compute_dtype=editor.compute_dtype)
     requests = load_edits(args.edits, tokenizer=editor.tokenizer, limit=args.n, drop_conflicting=True)
     done = banked_positions(bank)
     start = time.perf_counter()

@@ -74,3 +74,12 @@ def test_a_resumed_chunk_counts_what_the_interrupted_run_stored(editor, tmp_path
     zbank.add_chunk(bank, store, [r.case_id for r in reqs[:2]], 0, 8.0, "float32", timed_edits=1)
     (entry,) = zbank.read_index(bank)["chunks"]
     assert entry["timed_edits"] == 1 and entry["seconds"] == 8.0 and entry["s_per_edit"] == 4.0
+
+
+def test_bank_dir_names_the_layer_and_the_compute_dtype():
+    assert zbank.bank_dir("m") == zbank.BANKS / "m"
+    assert zbank.bank_dir("m", 8) == zbank.BANKS / "m-L8"
+    assert zbank.bank_dir("m", compute_dtype="bfloat16") == zbank.BANKS / "m-bf16"
+    assert zbank.bank_dir("m", 8, "float16") == zbank.BANKS / "m-L8-fp16"
+    with pytest.raises(SystemExit, match="fixed compute dtype"):
+        zbank.bank_dir("m", compute_dtype="auto")  # what auto picks depends on the machine
