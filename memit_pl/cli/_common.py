@@ -53,6 +53,17 @@ def add_selection_arguments(parser) -> None:
                              "zsRE training split)")
 
 
+def given_values(cfg, memit) -> list[float] | None:
+    """The grid of ``sweep``/``tune``: ``--values``, else ``--lambdas`` (MEMIT's λ: a one-line error for
+    another method), else None."""
+    from memit_pl.config import ConfigError
+
+    if cfg.lambdas is not None and memit.method != "memit":
+        raise ConfigError(f"--lambdas is MEMIT's λ; for memit.method {memit.method} give --values")
+    given = cfg["values"]  # not cfg.values: the namespace's own values() method
+    return given if given is not None else cfg.lambdas
+
+
 def make_editor(secs: dict[str, Any], model, tok, work_dir: str | Path | None = None, z_dir: str | Path | None = None):
     """The :class:`memit_pl.MEMIT` of a command: the loaded model and every parsed config section."""
     from memit_pl.config import Config

@@ -5,7 +5,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from memit_pl.cli._common import add_selection_arguments, load, make_editor, make_parser, parse, save_config
+from memit_pl.cli._common import (
+    add_selection_arguments,
+    given_values,
+    load,
+    make_editor,
+    make_parser,
+    parse,
+    save_config,
+)
 from memit_pl.data.edits import load_edits
 
 
@@ -23,16 +31,11 @@ def main(argv: list[str]) -> int:
                         help="values of the method's own setting, one row per value and n: MEMIT λ, AlphaEdit "
                              "alphaedit_l2, FT-W ft_weight_decay (ROME has none); default: the config's")
     cfg, secs = parse(parser, argv)
-    from memit_pl.config import ConfigError
-    from memit_pl.experiments.sweep import SEARCHED, log_grid, scaling_sweep, write_sweep
+    from memit_pl.experiments.sweep import SEARCHED, check_values, log_grid, scaling_sweep, write_sweep
 
     memit = secs["memit"]
-    if cfg.lambdas is not None and memit.method != "memit":
-        raise ConfigError(f"--lambdas is MEMIT's λ; for memit.method {memit.method} give --values")
-    given = cfg["values"]  # not cfg.values: the namespace's own values() method
-    values = given if given is not None else cfg.lambdas
-    if values and SEARCHED.get(memit.method) is None:  # before the model loads
-        raise ConfigError(f"sweep: memit.method {memit.method} has no setting to vary besides its layer; give no --values")
+    values = given_values(cfg, memit)
+    check_values(memit, values)  # before the model loads
 
     requests = load_edits(cfg.edits, limit=cfg.limit, drop_conflicting=cfg.drop_conflicts,
                           drop_empty=cfg.drop_empty)

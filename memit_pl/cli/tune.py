@@ -7,7 +7,15 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from memit_pl.cli._common import add_selection_arguments, load, make_editor, make_parser, parse, save_config
+from memit_pl.cli._common import (
+    add_selection_arguments,
+    given_values,
+    load,
+    make_editor,
+    make_parser,
+    parse,
+    save_config,
+)
 from memit_pl.data.edits import load_edits, validate
 
 
@@ -34,7 +42,6 @@ def main(argv: list[str]) -> int:
                         help="which Neighborhood Success the bound applies to: all neighbourhood prompts (NS), or "
                              "only those whose subject is not itself edited in the batch (NSu)")
     cfg, secs = parse(parser, argv)
-    from memit_pl.config import ConfigError
     from memit_pl.experiments.tune import (
         DEFAULT_VALUES,
         ONE_LAYER,
@@ -46,10 +53,8 @@ def main(argv: list[str]) -> int:
     from memit_pl.modeling.spec import get_spec
 
     memit = secs["memit"]
-    if cfg.lambdas is not None and memit.method != "memit":
-        raise ConfigError(f"--lambdas is MEMIT's λ; for memit.method {memit.method} give --values")
-    given = cfg["values"]  # not cfg.values: the namespace's own values() method
-    values = next(v for v in (given, cfg.lambdas, DEFAULT_VALUES.get(memit.method, [])) if v is not None)
+    values = given_values(cfg, memit)
+    values = DEFAULT_VALUES.get(memit.method, []) if values is None else values
     one_layer = [[memit.ft_layer]] if memit.method == "ft" and memit.ft_layer is not None else \
         [[memit.layers[0]], [memit.layers[-1]]]
     windows = cfg.windows or (one_layer if memit.method in ONE_LAYER else None)

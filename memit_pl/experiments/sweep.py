@@ -41,6 +41,14 @@ def with_value(memit: MemitConfig, value: float) -> MemitConfig:
     return replace(memit, **{searched[0]: float(value)})
 
 
+def check_values(memit: MemitConfig, values: Sequence[float] | None) -> None:
+    """A one-line error for values of a setting the method does not have (ROME: its layer only)."""
+    from memit_pl.config import ConfigError
+
+    if values and SEARCHED.get(memit.method) is None:
+        raise ConfigError(f"sweep: memit.method {memit.method} has no setting to vary besides its layer; give no values")
+
+
 def log_grid(n_max: int) -> list[int]:
     """1, 10, 100, ... below ``n_max``, then ``n_max`` itself."""
     grid = [10**k for k in range(int(math.log10(max(n_max, 1))) + 1) if 10**k < n_max]
@@ -65,13 +73,10 @@ def scaling_sweep(editor: MEMIT, requests: Sequence[EditRequest], memit: MemitCo
     also has ``NSu_unedited``: the unedited model's NSu on the same prompts (those cases, those subjects).
     With ``values``, one row per value of the method's searched setting (``SEARCHED``: MEMIT's λ as ``lam``,
     AlphaEdit's ridge as ``alpha``, FT-W's decay as ``decay``) and n; z depends on none of them."""
-    from memit_pl.config import ConfigError
     from memit_pl.stages.evaluate import nsu_of_records
 
-    searched = SEARCHED.get(memit.method)
-    if values and searched is None:
-        raise ConfigError(f"sweep: memit.method {memit.method} has no setting to vary besides its layer; give no values")
-    column = searched[1] if values else None
+    check_values(memit, values)
+    column = SEARCHED[memit.method][1] if values else None
     store = None if memit.method == "ft" else editor.zs(requests, memit)
     unedited = editor.evaluate(requests)
     rows = [row(0, unedited)]
@@ -102,7 +107,8 @@ def plot_rows(rows: Sequence[dict], x: str, path: str | Path, title: str, group:
     for gi, g in enumerate(groups):
         sel = [r for r in rows if (group is None or r.get(group) == g) and (r[x] > 0 or keep_zero)]
         xs = [r[x] for r in sel]
-        label = f" ({LABELS.get(group, group)} {g:g})" if group and isinstance(g, (int, float)) else (f" ({group} {g})" if group else "")
+        value = f"{g:g}" if isinstance(g, (int, float)) else g
+        label = f" ({LABELS.get(group, group)} {value})" if group else ""
         for k, colour in zip(("S", "ES", "PS", "NS", "NSu"), ("black", "tab:blue", "tab:orange", "tab:green", "tab:olive")):
             pts = [(xv, r[k]) for xv, r in zip(xs, sel) if r.get(k) is not None]
             if pts:
