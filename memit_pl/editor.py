@@ -278,7 +278,7 @@ class MEMIT:
             keys = {layer: torch.cat(ks) for layer, ks in prev.items()} if prev and keep_previous_keys else None
             self.edit(chunk, memit, prev_keys=keys)
             seconds += time.perf_counter() - t
-            if memit.method != "ft":  # fine-tuning keeps no keys
+            if memit.method != "ft" and keep_previous_keys:  # fine-tuning keeps no keys
                 for layer, k in saved_keys(self.work_dir / _tag(chunk, memit, keys)).items():
                     prev.setdefault(layer, []).append(k)
             done = min((i + 1) * round_size, len(requests))

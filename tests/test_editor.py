@@ -223,6 +223,22 @@ def test_edit_in_rounds_evaluates_all_edits_so_far_and_resumes(editor, make_mode
         torch.testing.assert_close(w, after[layer], rtol=0, atol=1e-6)
 
 
+def test_rounds_without_previous_keys_are_plain_edits_in_sequence(editor, make_model, tok, tmp_path):
+    """keep_previous_keys=False: each round solved against the statistics alone, on the model the rounds before
+    it left; the same weights as plain edits one after the other. Keeping the keys changes the update."""
+    reqs = requests()
+    editor.edit_in_rounds(reqs, round_size=2, evaluate_every=5, keep_previous_keys=False)
+    plain = MEMIT(make_model("llama"), tok, editor.config, work_dir=tmp_path / "plain", cache_dir=editor.cache_dir)
+    plain.edit(reqs[:2])
+    plain.edit(reqs[2:])
+    kept = MEMIT(make_model("llama"), tok, editor.config, work_dir=tmp_path / "kept", cache_dir=editor.cache_dir)
+    kept.edit_in_rounds(reqs, round_size=2, evaluate_every=5)
+    rounds, sequence, with_keys = (weights(e, editor.memit.layers) for e in (editor, plain, kept))
+    for layer in rounds:
+        torch.testing.assert_close(rounds[layer], sequence[layer], rtol=0, atol=1e-6)
+    assert any(not torch.allclose(with_keys[layer], rounds[layer], atol=1e-5) for layer in rounds)
+
+
 def test_alphaedit_is_a_method_of_the_same_editor(editor):
     alpha = MemitConfig(**{**vars(editor.memit), "method": "alphaedit", "nullspace_threshold": 1e9, "alphaedit_l2": 1.0})
     with editor.edited(requests()) as memit_delta:
@@ -246,12 +262,12 @@ def test_the_edit_command_runs_in_rounds(tiny_dir, tmp_path):
                                          "neighborhood": ["Lionel Messi plays for"]}) + "\n" for p, s, o in FACTS))
     rc = cli.main(["edit", "--edits", str(edits), "--model.name", str(d), "--model.device", "cpu", "--out",
                    str(tmp_path / "out"), "--round_size", "2", "--memit.layers", "[1, 2]", "--memit.v_num_grad_steps", "2",
-                   "--memit.method", "alphaedit", "--stats.corpus", str(corpus), "--stats.n_samples", "16",
+                   "--memit.method", "alphaedit", "--keep_previous_keys", "false", "--stats.corpus", str(corpus), "--stats.n_samples", "16",
                    "--stats.seq_len", "16", "--model.cache_dir", str(tmp_path / "cache"), "--save_model", "false",
                    "--trainer.enable_progress_bar", "false", "--eval.max_generation_prompts", "0"])
     assert rc == 0
     res = json.loads((tmp_path / "out" / "rounds.json").read_text())
-    assert [r["edits_so_far"] for r in res["rows"]] == [0, 2, 3] and {r["method"] for r in res["rows"]} == {"alphaedit"}
+    assert [r["edits_so_far"] for r in res["rows"]] == [0, 2, 3] and {r["method"] for r in res["rows"]} == {"alphaedit"} and res["keep_previous_keys"] is False
     assert (tmp_path / "out" / "rounds.png").exists() and "| round |" in (tmp_path / "out" / "rounds.md").read_text()
 
 

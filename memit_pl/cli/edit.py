@@ -80,13 +80,15 @@ def run_rounds(cfg, secs, editor, requests: Sequence[EditRequest], out: Path) ->
     method = secs["memit"].method
     rows: list[dict] = []
     meta = {"model": secs["model"].name, "edits_file": str(cfg.edits), "method": method, "round_size": cfg.round_size,
-            "layers": secs["memit"].layers, "compute_dtype": editor.compute_dtype}
+            "layers": secs["memit"].layers, "compute_dtype": editor.compute_dtype,
+            "keep_previous_keys": cfg.keep_previous_keys}
 
     def save(r: dict) -> None:
         rows.append({"method": method, **r})
         io.write_json(out / "rounds.json", {**meta, "rows": rows})
 
-    first = editor.edit_in_rounds(requests, cfg.round_size, evaluate_every=cfg.evaluate_every, on_row=save)
+    first = editor.edit_in_rounds(requests, cfg.round_size, evaluate_every=cfg.evaluate_every,
+                                  keep_previous_keys=cfg.keep_previous_keys, on_row=save)
     rows.insert(0, {"method": method, **first[0]})
     io.write_json(out / "rounds.json", {**meta, "rows": rows})
     keys = ("round", "edits_so_far", *COLUMNS, *EASYEDIT_COLUMNS, "seconds")
@@ -108,6 +110,9 @@ def add_arguments(parser, out_default: str | None = None) -> None:
     parser.add_argument("--round_size", type=int | None, default=None,
                         help="edit in rounds of this many on the same model (lifelong editing), evaluating all edits so far")
     parser.add_argument("--evaluate_every", type=int, default=1, help="with --round_size: evaluate every K rounds (and after the last)")
+    parser.add_argument("--keep_previous_keys", type=bool, default=True,
+                        help="with --round_size: earlier rounds' keys join each round's preserved term; false edits "
+                             "each round against the statistics alone (MEMIT in sequence as AlphaEdit's paper runs it)")
 
 
 def main(argv: list[str]) -> int:
