@@ -10,7 +10,9 @@ between rounds from its run directory under ``--work`` (re-run the same command 
 A method already in ``--out`` under the same protocol (N, round size, K) is kept when another is run
 (``--methods alphaedit`` after ``--methods memit``), so the two can be measured in separate sessions.
 ``--label`` and ``--set`` add a variant of one method as its own arm (its own run directory and rows), e.g.
-``--methods alphaedit --label alphaedit-e0.05 --set memit.nullspace_energy=0.05``.
+``--methods alphaedit --label alphaedit-e0.05 --set memit.nullspace_energy=0.05``, or MEMIT in sequence without
+the earlier rounds' keys in its preserved term, as AlphaEdit's paper runs its MEMIT baseline:
+``--methods memit --label memit-sequence --set keep_previous_keys=false``.
 Writes the rows of both (``method``, ``edits_so_far``, ES, PS, NS, GE and EasyEdit's metrics) to ``--out``
 (the schema of bench/record.py) and plots them against the number of edits so far (``rounds.png`` beside it).
 """
