@@ -275,10 +275,10 @@ class MEMIT:
         for i in range(n_rounds):
             chunk = list(requests[i * round_size : (i + 1) * round_size])
             t = time.perf_counter()
-            keys = {layer: torch.cat(ks) for layer, ks in prev.items()} if prev and keep_previous_keys else None
+            keys = {layer: torch.cat(ks) for layer, ks in prev.items()} if prev else None
             self.edit(chunk, memit, prev_keys=keys)
             seconds += time.perf_counter() - t
-            if memit.method != "ft" and keep_previous_keys:  # fine-tuning keeps no keys
+            if memit.method != "ft" and keep_previous_keys:  # the only place prev fills (FT-W has no keys)
                 for layer, k in saved_keys(self.work_dir / _tag(chunk, memit, keys)).items():
                     prev.setdefault(layer, []).append(k)
             done = min((i + 1) * round_size, len(requests))
