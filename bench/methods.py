@@ -13,7 +13,8 @@ n = 0, is the unedited model on the N cases), so a 10,000-edit MEMIT row is comp
 A method's ``seconds`` is what a user pays for it alone: the z stage (for the three that use it) plus its
 own update, with the statistics cached beforehand (``stats_s``, once). Every row is written
 as soon as it is done, and a re-run skips the rows already in ``--out`` for the same N and settings; the
-z store, the per-layer factors and FT-W's delta are resumed from ``--work``.
+z store, the per-layer factors and FT-W's delta are resumed from ``--work``. Each row carries ``measured``
+(device, commit, date of the run that measured it): the file's own fields name the last run only.
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def main() -> None:
         if unedited is None:
             unedited = editor.evaluate(requests)
         if method == "unedited":
-            rows.append(row(n, unedited, method="unedited", n_edits=n, seconds=0.0, settings=None))
+            rows.append(row(n, unedited, method="unedited", n_edits=n, seconds=0.0, settings=None,
+                            measured=record.measured()))
             _write(out, rows, args, cfg, editor, stats_s)
             continue
         memit = replace(cfg.memit, method=method, **overrides.get(method, {}))
@@ -139,6 +141,7 @@ def main() -> None:
                             z_s=None if zs is None else round(zs, 1), update_s=round(update_s, 1),
                             eval_s=round(eval_s, 1), **({"resumed_layers": len(reused)} if reused else {}),
                             peak_rss_mb=peaks, layers=delta.layers, settings=_settings(cfg, method, overrides),
+                            measured=record.measured(),
                             **({k: delta.metadata[k] for k in ("ft_steps", "ft_final_nll")} if method == "ft" else {})))
             logging.info("%s at n=%d: %s", method, m, rows[-1])
             _write(out, rows, args, cfg, editor, stats_s)

@@ -179,6 +179,12 @@ def device() -> dict[str, Any]:
     return {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "cuda": cuda}
 
 
+def measured() -> dict[str, Any]:
+    """Where and from what code one row was measured: ``{"device", "git_commit", "date"}``, for a file whose
+    rows come from several runs (the record's own fields name the last run only)."""
+    return {"device": device(), "git_commit": git_commit(), "date": datetime.date.today().isoformat()}
+
+
 def record(name: str, figures: dict[str, Any], *, config: dict[str, Any], args: argparse.Namespace | None = None,
            argv: list[str] | None = None, compute_dtype: str = "float32", module: str | None = None) -> dict[str, Any]:
     """The record of one run of benchmark ``name`` (module ``bench.<name>``): the schema fields, then

@@ -171,6 +171,17 @@ def test_the_methods_benchmark_grid_writes_figure_5(tiny_dir, tmp_path, monkeypa
     assert rows[1]["NS_unedited"] == pytest.approx(alone[0]["NS"], abs=0.01)
     assert rows[3]["NS_unedited"] == pytest.approx(rows[2]["NS"], abs=0.01)
     assert run(tmp_path / "grid.json", 3, "--methods", "unedited,memit", "--grid", "1,2") == rows  # all kept
+    # each row names where it was measured: a kept row keeps its own, a re-measured row gets this run's
+    assert all(set(r["measured"]) == {"device", "git_commit", "date"} and r["measured"]["device"]["cpu"] for r in rows)
+    data = json.loads((tmp_path / "grid.json").read_text())
+    data["rows"][0]["measured"]["device"]["cpu"] = "an earlier CPU"
+    data["rows"] = data["rows"][:3]  # the n = 3 MEMIT row is measured again
+    (tmp_path / "grid.json").write_text(json.dumps(data))
+    again = run(tmp_path / "grid.json", 3, "--methods", "unedited,memit", "--grid", "1,2", "--sweep-out", str(sweep))
+    assert again[0]["measured"]["device"]["cpu"] == "an earlier CPU" and again[1:3] == rows[1:3]
+    assert again[3]["measured"]["device"] == rows[3]["measured"]["device"] and again[3]["ES"] == rows[3]["ES"]
+    fig = json.loads((sweep / "sweep.json").read_text())
+    assert fig["rows"][1]["measured"]["device"]["cpu"] == "an earlier CPU"
     with pytest.raises(SystemExit, match="outside 1..--n"):
         run(tmp_path / "bad.json", 3, "--methods", "memit", "--grid", "0,2")
     with pytest.raises(SystemExit, match="add unedited"):
