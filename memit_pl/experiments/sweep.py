@@ -96,14 +96,14 @@ def scaling_sweep(editor: MEMIT, requests: Sequence[EditRequest], memit: MemitCo
 def plot_rows(rows: Sequence[dict], x: str, path: str | Path, title: str, group: str | None = None,
               log_x: bool = True, baseline: dict | None = None, keep_zero: bool = False) -> Path:
     """ES/PS/NS/NSu/GE (and S) against ``x``; one line style per ``group`` value when given; the unedited
-    model (``baseline``, else the row with ``x`` = 0) as thin horizontal lines. Rows with ``x`` = 0 are
+    model (``baseline``, else the row with ``x`` = 0) as dotted horizontal lines, as in the paper's Figure 5. Rows with ``x`` = 0 are
     the unedited model unless ``keep_zero`` (a grid with 0 in it, e.g. no decay): then they are points, on
     a log axis that is linear below the smallest positive ``x``."""
     plt = io.pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     groups = sorted({r.get(group) for r in rows}, key=str) if group else [None]
-    styles = ["-", "--", ":", "-."]
+    styles = ["-", "--", "-.", (0, (3, 1, 1, 1, 1, 1))]  # dotted is the unedited level
     for gi, g in enumerate(groups):
         sel = [r for r in rows if (group is None or r.get(group) == g) and (r[x] > 0 or keep_zero)]
         xs = [r[x] for r in sel]
@@ -122,9 +122,9 @@ def plot_rows(rows: Sequence[dict], x: str, path: str | Path, title: str, group:
     if base:
         for k, colour in zip(("ES", "PS", "NS", "NSu"), ("tab:blue", "tab:orange", "tab:green", "tab:olive")):
             if base[0].get(k) is not None:
-                axes[0].axhline(base[0][k], color=colour, lw=0.6, alpha=0.5)
+                axes[0].axhline(base[0][k], color=colour, ls=":", lw=1.2, alpha=0.8)
         if base[0].get("GE") is not None:
-            axes[1].axhline(base[0]["GE"], color="tab:red", lw=0.6, alpha=0.5)
+            axes[1].axhline(base[0]["GE"], color="tab:red", ls=":", lw=1.2, alpha=0.8)
     positive = [r[x] for r in rows if r[x] > 0]
     zero = keep_zero and any(r[x] <= 0 for r in rows)
     for ax, ylabel in zip(axes, ("success rate (%)", "generation entropy (×100)")):
@@ -137,7 +137,7 @@ def plot_rows(rows: Sequence[dict], x: str, path: str | Path, title: str, group:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    fig.suptitle(title + ("  (thin lines: unedited model)" if base else ""))
+    fig.suptitle(title + ("  (dotted: unedited model)" if base else ""))
     fig.tight_layout()
     return io.save_figure(fig, path, dpi=120)
 
