@@ -196,16 +196,17 @@ def record(name: str, figures: dict[str, Any], *, config: dict[str, Any], args: 
     cfg = dict(config)
     if args is not None:
         cfg = {"args": vars(args), **cfg}
+    here = measured()
     rec = {
         "benchmark": name,
         "command": command(module or f"bench.{name}", argv),
-        "git_commit": git_commit(),
+        "git_commit": here["git_commit"],
         "packages": packages(),
-        "device": device(),
+        "device": here["device"],
         "compute_dtype": compute_dtype,
         "config": cfg,
         "figures": figures,
-        "date": datetime.date.today().isoformat(),
+        "date": here["date"],
     }
     return scrub({**rec, **figures})
 

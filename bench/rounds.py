@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,8 +76,7 @@ def main() -> None:
         rows += [{**r, "method": label} for r in got["rows"]]
         runs[label] = {"method": method, "overrides": args.set, "wall_s": round(wall, 1),
                        "peak_rss_mb": round(rss, 1), "layers": got["layers"],
-                       "compute_dtype": got["compute_dtype"], "git_commit": record.git_commit(),
-                       "device": record.device(), "date": time.strftime("%Y-%m-%d")}
+                       "compute_dtype": got["compute_dtype"], **record.measured()}
         _write(args, rows, runs)
 
 
