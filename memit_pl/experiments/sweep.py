@@ -97,8 +97,8 @@ def plot_rows(rows: Sequence[dict], x: str, path: str | Path, title: str, group:
               log_x: bool = True, baseline: dict | None = None, keep_zero: bool = False) -> Path:
     """ES/PS/NS/NSu/GE (and S) against ``x``; one line style per ``group`` value when given; the unedited
     model (``baseline``, else the row with ``x`` = 0) as dotted horizontal lines, as in the paper's Figure 5.
-    Rows with ``x`` = 0 are the unedited model unless ``keep_zero`` (a grid with 0 in it, e.g. no decay): then they are points, on
-    a log axis that is linear below the smallest positive ``x``."""
+    Rows with ``x`` = 0 are the unedited model unless ``keep_zero`` (a grid with 0 in it, e.g. no decay):
+    then they are points, on a log axis that is linear below the smallest positive ``x``."""
     plt = io.pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
