@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from memit_pl.config import Config, MemitConfig
 from memit_pl.data.edits import EditRequest, validate
 from memit_pl.delta import EditDelta
+from memit_pl.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +259,8 @@ class MEMIT:
         (and after the last) an evaluation of all edits so far. Returns one row per evaluation
         (``edits_so_far``, ``round``, the paper's and EasyEdit's metrics, ``seconds`` of editing so far); the
         model stays edited. With a ``work_dir`` an interrupted run resumes: finished rounds are re-applied
-        from their saved layers, not recomputed.
+        from their saved layers, not recomputed, and count the seconds they took when first computed
+        (``round-seconds.json`` in the work dir).
         """
         from memit_pl.experiments.sweep import row
         from memit_pl.stages.apply import saved_keys
@@ -271,15 +273,23 @@ class MEMIT:
         rows = [row(0, unedited, round=0, edits_so_far=0, seconds=0.0)]
         prev: dict[int, list[Tensor]] = {}
         seconds = 0.0
+        # each round's editing seconds as first measured: a resumed run re-applies finished rounds in moments,
+        # and its `seconds` still count what they cost
+        timings_file = self.work_dir / "round-seconds.json"
+        timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
         n_rounds = -(-len(requests) // round_size)
         for i in range(n_rounds):
             chunk = list(requests[i * round_size : (i + 1) * round_size])
             t = time.perf_counter()
             keys = {layer: torch.cat(ks) for layer, ks in prev.items()} if prev else None
             self.edit(chunk, memit, prev_keys=keys)
-            seconds += time.perf_counter() - t
+            tag = _tag(chunk, memit, keys)
+            if tag not in timings:
+                timings[tag] = round(time.perf_counter() - t, 3)
+                write_json(timings_file, timings)
+            seconds += timings[tag]
             if memit.method != "ft" and keep_previous_keys:  # the only place prev fills (FT-W has no keys)
-                for layer, k in saved_keys(self.work_dir / _tag(chunk, memit, keys)).items():
+                for layer, k in saved_keys(self.work_dir / tag).items():
                     prev.setdefault(layer, []).append(k)
             done = min((i + 1) * round_size, len(requests))
             if (i + 1) % evaluate_every == 0 or i == n_rounds - 1:
