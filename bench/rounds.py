@@ -3,7 +3,7 @@ model, MEMIT-in-rounds against AlphaEdit, all edits so far evaluated every K rou
 
     .venv/bin/python -m bench.rounds [--n 2000] [--round-size 100] [--every 5] [--methods memit,alphaedit]
                                      [--ge-cases 500] [--work runs/rounds] [--out bench/results/methods/rounds.json]
-                                     [--label NAME --set memit.KEY=VALUE ...]
+                                     [--label NAME --set memit.KEY=VALUE ...] [--replot]
 
 Each method is one `memit-pl edit --round_size R --evaluate_every K` run in its own process, resumable
 between rounds from its run directory under ``--work`` (re-run the same command after an interruption).
@@ -14,7 +14,8 @@ A method already in ``--out`` under the same protocol (N, round size, K) is kept
 the earlier rounds' keys in its preserved term, as AlphaEdit's paper runs its MEMIT baseline:
 ``--methods memit --label memit-sequence --set keep_previous_keys=false``.
 Writes the rows of both (``method``, ``edits_so_far``, ES, PS, NS, GE and EasyEdit's metrics) to ``--out``
-(the schema of bench/record.py) and plots them against the number of edits so far (``rounds.png`` beside it).
+(the schema of bench/record.py) and plots them against the number of edits so far, one panel per metric and one
+colour per arm (``rounds.png`` beside it).
 """
 
 from __future__ import annotations
@@ -46,7 +47,12 @@ def main() -> None:
                                     "one method only")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for the arm, e.g. memit.nullspace_energy=0.05 (repeatable)")
+    ap.add_argument("--replot", action="store_true", help="redraw the plot of --out from its rows and stop")
     args = ap.parse_args()
+    if args.replot:
+        rec = json.loads(Path(args.out).read_text())
+        _plot(args.out, rec["rows"], rec["n_edits"], rec["round_size"])
+        return
     record.preflight("bench.rounds", args)
     out_path = Path(args.out)
     old = json.loads(out_path.read_text()) if out_path.exists() else {}
@@ -82,15 +88,18 @@ def main() -> None:
 
 def _write(args, rows: list[dict], runs: dict) -> None:
     """The record of every method measured so far (each method's own commit, device and date in ``runs``)."""
-    from memit_pl.experiments.sweep import plot_rows
-
     figures = {"rows": rows, "n_edits": args.n, "round_size": args.round_size, "evaluate_every": args.every,
                "runs": runs}
     rec = record.record("rounds", figures, args=args, config={"config_file": args.config},
                         compute_dtype=next(iter(runs.values()))["compute_dtype"])
     record.write(args.out, rec)
-    plot_rows(rows, "edits_so_far", Path(args.out).with_suffix(".png"),
-              f"rounds of {args.round_size}: {' vs '.join(runs)}", group="method", log_x=False)
+    _plot(args.out, rows, args.n, args.round_size)
+
+
+def _plot(out: str, rows: list[dict], n: int, round_size: int) -> None:
+    from memit_pl.experiments.sweep import plot_arms
+
+    plot_arms(rows, "edits_so_far", Path(out).with_suffix(".png"), f"{n:,} counterfact-train edits in rounds of {round_size}")
 
 
 if __name__ == "__main__":

@@ -323,3 +323,27 @@ def test_sweep_cli_rejects_a_grid_the_method_cannot_use_in_one_line(capsys, args
     rc = cli.main(["sweep", "--edits", "x.json", "--out", "y", *args])  # before the file or the model is read
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and message in err[0]
+
+
+def test_plot_arms_draws_each_arm_once_per_metric_from_its_unedited_start(tmp_path, monkeypatch):
+    """The rounds comparison: one panel per metric, one line per arm starting at its 0-edit row, the unedited
+    level dotted; a missing metric leaves that arm's line out of that panel only."""
+    from memit_pl import io
+    from memit_pl.experiments.sweep import plot_arms
+
+    rows = [{"method": m, "edits_so_far": n, "ES": es, "NS": 70.0 - n / 100, "GE": ge}
+            for m, es0 in (("memit", 90.0), ("alphaedit", 95.0))
+            for n, es, ge in ((0, 30.0, 540.0), (100, es0, 530.0), (200, es0 - 5, None if m == "memit" else 520.0))]
+    figs = []
+    real = io.save_figure
+    monkeypatch.setattr(io, "save_figure", lambda fig, path, **kw: figs.append(fig) or real(fig, path, **kw))
+    path = plot_arms(rows, "edits_so_far", tmp_path / "rounds.png", "t", metrics=("ES", "NS", "GE"))
+    assert path.stat().st_size > 1000
+    axes = figs[0].axes
+    assert [a.get_title() for a in axes] == ["ES (%)", "NS (%)", "GE (×100)"]
+    drawn = {a.get_title(): {ln.get_label(): list(ln.get_xdata()) for ln in a.lines if not ln.get_label().startswith("_")}
+             for a in axes}
+    assert drawn["ES (%)"] == {"memit": [0, 100, 200], "alphaedit": [0, 100, 200]}
+    assert drawn["GE (×100)"] == {"memit": [0, 100], "alphaedit": [0, 100, 200]}
+    dotted = [ln for ln in axes[0].lines if ln.get_linestyle() == ":"]
+    assert len(dotted) == 1 and list(dotted[0].get_ydata()) == [30.0, 30.0]

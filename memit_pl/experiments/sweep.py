@@ -142,6 +142,36 @@ def plot_rows(rows: Sequence[dict], x: str, path: str | Path, title: str, group:
     return io.save_figure(fig, path, dpi=120)
 
 
+def plot_arms(rows: Sequence[dict], x: str, path: str | Path, title: str, group: str = "method",
+              metrics: Sequence[str] = ("ES", "PS", "NS", "GE")) -> Path:
+    """One panel per metric, one colour per ``group`` value (each arm of a comparison): what several arms of
+    the same protocol look like side by side, where :func:`plot_rows` crowds one panel with every metric of
+    every arm. A row with ``x`` = 0 is that arm's unedited model: its value starts the arm's line and, for the
+    first arm that has one, is drawn dotted across the panel."""
+    plt = io.pyplot()
+
+    arms = list(dict.fromkeys(r.get(group) for r in rows))  # in the order the rows give them
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 3.6), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, k in zip(axes[0], metrics):
+        for ai, arm in enumerate(arms):
+            pts = sorted((r[x], r[k]) for r in rows if r.get(group) == arm and r.get(k) is not None)
+            if pts:
+                ax.plot(*zip(*pts), "-", color=colours[ai % len(colours)], marker="o", ms=3, label=str(arm))
+        base = next((r[k] for r in rows if r[x] == 0 and r.get(k) is not None), None)
+        if base is not None:
+            ax.axhline(base, color="grey", ls=":", lw=1.2)
+        ax.set_title(k + (" (×100)" if k == "GE" else " (%)"))
+        ax.set_xlabel(x)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.suptitle(title + ("  (dotted: unedited model)" if any(r[x] == 0 for r in rows) else ""))
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return io.save_figure(fig, path, dpi=120)
+
+
 def markdown(rows: Sequence[dict], keys: Sequence[str]) -> str:
     def fmt(v):
         return "—" if v is None else (f"{v:g}" if isinstance(v, (int, float)) else str(v))
