@@ -347,3 +347,11 @@ def test_plot_arms_draws_each_arm_once_per_metric_from_its_unedited_start(tmp_pa
     assert drawn["GE (×100)"] == {"memit": [0, 100], "alphaedit": [0, 100, 200]}
     dotted = [ln for ln in axes[0].lines if ln.get_linestyle() == ":"]
     assert len(dotted) == 1 and list(dotted[0].get_ydata()) == [30.0, 30.0]
+
+
+def test_plot_rows_draws_four_groups(tmp_path):
+    """The fourth group's line style is a dash pattern (not a format string): four groups plot."""
+    from memit_pl.experiments.sweep import plot_rows
+
+    rows = [{"n": n, "arm": g, "ES": 50.0 + g, "PS": 40.0, "NS": 60.0, "GE": 500.0 + g} for g in range(4) for n in (1, 10)]
+    assert plot_rows(rows, "n", tmp_path / "p.png", "t", group="arm").stat().st_size > 1000

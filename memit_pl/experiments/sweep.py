@@ -112,10 +112,10 @@ def plot_rows(rows: Sequence[dict], x: str, path: str | Path, title: str, group:
         for k, colour in zip(("S", "ES", "PS", "NS", "NSu"), ("black", "tab:blue", "tab:orange", "tab:green", "tab:olive")):
             pts = [(xv, r[k]) for xv, r in zip(xs, sel) if r.get(k) is not None]
             if pts:
-                axes[0].plot(*zip(*pts), styles[gi % 4], color=colour, marker="o", ms=3, label=k + label)
+                axes[0].plot(*zip(*pts), linestyle=styles[gi % 4], color=colour, marker="o", ms=3, label=k + label)
         ge = [(xv, r["GE"]) for xv, r in zip(xs, sel) if r.get("GE") is not None]
         if ge:
-            axes[1].plot(*zip(*ge), styles[gi % 4], color="tab:red", marker="o", ms=3, label="GE" + label)
+            axes[1].plot(*zip(*ge), linestyle=styles[gi % 4], color="tab:red", marker="o", ms=3, label="GE" + label)
     if not any(r.get("GE") is not None for r in rows):
         axes[1].text(0.5, 0.5, "Generation Entropy not measured", ha="center", va="center", transform=axes[1].transAxes)
     base = [baseline] if baseline is not None else [r for r in rows if r[x] == 0 and not keep_zero]
